@@ -1,0 +1,1 @@
+"""Datasets, models, the training loop and the trial task that run on the workers."""
