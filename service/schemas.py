@@ -255,6 +255,19 @@ class JobCreate(_Strict):
     seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0
     baselines: Annotated[list[Literal["sgd", "adam"]], Field(max_length=2)] = []
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_search_space(cls, data: Any) -> Any:
+        """Store the documented default space explicitly, so a job shows what it searched."""
+        if isinstance(data, dict) and data.get("search_space") is None:
+            optimizer = data.get("optimizer", "entropy_sgd")
+            default = (
+                DEFAULT_SEARCH_SPACE if optimizer == "entropy_sgd" else BASELINE_SEARCH_SPACES.get(optimizer)
+            )
+            if default is not None:
+                data = {**data, "search_space": default}
+        return data
+
     @field_validator("model")
     @classmethod
     def _model_fits_dataset(cls, model: ModelSpec, info: ValidationInfo) -> ModelSpec:
@@ -288,7 +301,7 @@ class JobCreate(_Strict):
             raise ValueError("sampler 'nsga2' is for several objectives; give two or more")
         if sampler.name == "grid" and "optimizer" in info.data:
             space = info.data.get("search_space")
-            space = _as_plain(space) if space is not None else _default_space(info.data["optimizer"])
+            space = _as_plain(space or {})
             for knob, spec in space.items():
                 if isinstance(spec, dict) and spec["type"] == "float" and spec.get("step") is None:
                     raise ValueError(
@@ -310,19 +323,9 @@ class JobCreate(_Strict):
             raise ValueError("baselines must be distinct")
         return baselines
 
-    def effective_search_space(self) -> dict[str, Any]:
-        """The space searched, as plain JSON: the job's own, or the documented default for its optimizer."""
-        return (
-            _as_plain(self.search_space) if self.search_space is not None else _default_space(self.optimizer)
-        )
-
 
 def _as_plain(space: dict[str, Any]) -> dict[str, Any]:
     return {k: v.model_dump() if isinstance(v, BaseModel) else v for k, v in space.items()}
-
-
-def _default_space(optimizer: str) -> dict[str, Any]:
-    return dict(DEFAULT_SEARCH_SPACE if optimizer == "entropy_sgd" else BASELINE_SEARCH_SPACES[optimizer])
 
 
 # Valid values of each knob: (low, high, low included, high included). Checked on fixed values, choices and

@@ -14,6 +14,7 @@ epoch is reported at the first step that completes it, with the exact count spen
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ class TrialConfig:
     optimizer: str = "entropy_sgd"
     hyperparameters: Mapping[str, Any] = field(default_factory=dict)
     epochs: int = 10
+    gradient_evaluations: int | None = None  # overrides epochs; the last epoch may then be partial
     batch_size: int = 128
     width: str = "small"
     batchnorm: bool = False
@@ -56,6 +58,9 @@ class TrialConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"Invalid {name} value: {value!r} (must be an int >= 1)")
+        budget = self.gradient_evaluations
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+            raise ValueError(f"Invalid gradient_evaluations value: {budget!r} (must be an int >= 1 or None)")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"Invalid dropout value: {self.dropout!r} (must be in [0, 1))")
 
@@ -72,6 +77,23 @@ def resolve_device(name: str) -> torch.device:
 
 def train(config: TrialConfig, report: Reporter | None = None, *, data: Splits | None = None) -> TrialResult:
     """Run one trial. A non-finite loss ends it with status ``diverged`` and a reason; it never raises."""
+    stop = threading.Event()
+    for item in iterate_trial(config, data=data, should_stop=stop.is_set):
+        if isinstance(item, TrialResult):
+            return item
+        if report is not None and report(item):
+            stop.set()
+    raise AssertionError("iterate_trial always ends with its result")
+
+
+def iterate_trial(
+    config: TrialConfig, *, data: Splits | None = None, should_stop: Callable[[], bool] = lambda: False
+) -> Iterator[EpochMetrics | TrialResult]:
+    """Train, yielding each epoch's metrics and finally the :class:`TrialResult`.
+
+    ``should_stop`` is asked after every yielded epoch; when it says so, the run ends with status ``stopped``.
+    This form lets a Ray task stream epochs to its driver; :func:`train` is the callback form.
+    """
     started = time.perf_counter()
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
@@ -90,7 +112,7 @@ def train(config: TrialConfig, report: Reporter | None = None, *, data: Splits |
     )
 
     per_epoch = max(1, len(train_split) // config.batch_size)
-    budget = per_epoch * config.epochs
+    budget = config.gradient_evaluations or per_epoch * config.epochs
     batches = _minibatches(train_split, config.batch_size, config.seed, device)
     spent = 0
     epoch_losses: list[Tensor] = []
@@ -129,7 +151,8 @@ def train(config: TrialConfig, report: Reporter | None = None, *, data: Splits |
             status = "diverged"
             reason = f"non-finite {which} loss in epoch {metrics.epoch} (after {spent} gradient evaluations)"
             break
-        if report is not None and report(metrics):
+        yield metrics
+        if should_stop():
             status, reason = "stopped", f"stopped by the caller after epoch {metrics.epoch}"
             break
         model.train()
@@ -147,7 +170,7 @@ def train(config: TrialConfig, report: Reporter | None = None, *, data: Splits |
     if status != "diverged":
         result.test_loss, result.test_accuracy = _evaluate(model, test_split)  # weights as last evaluated
     result.wall_time = time.perf_counter() - started
-    return result
+    yield result
 
 
 def _step(optimizer: torch.optim.Optimizer, closure: Callable[[], Tensor], remaining: int) -> Tensor:

@@ -138,3 +138,19 @@ def test_a_trial_trains_on_cuda():
     assert all(
         value.device.type == "cpu" for value in result.state_dict.values()
     )  # weights handed back on CPU
+
+
+def test_a_budget_in_gradient_evaluations_ends_with_a_partial_epoch():
+    config = TrialConfig(optimizer="entropy_sgd", hyperparameters=ESGD_FAST, **{**FAST, "epochs": 1})
+    result = train(TrialConfig(**{**config.__dict__, "gradient_evaluations": 20}))
+    assert result.gradient_evaluations == 20
+    assert [m.gradient_evaluations for m in result.history] == [15, 20]  # 14 per epoch; L = 5
+
+
+def test_iterate_trial_streams_epochs_then_the_result():
+    from workers.results import TrialResult
+    from workers.training import iterate_trial
+
+    items = list(iterate_trial(TrialConfig(optimizer="sgd", **FAST)))
+    assert [type(i).__name__ for i in items] == ["EpochMetrics"] * 3 + ["TrialResult"]
+    assert isinstance(items[-1], TrialResult) and items[-1].history == items[:3]
