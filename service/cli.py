@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
+import httpx
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -148,3 +151,161 @@ def _typed(name: str, text: str, kind: type | tuple[type, ...]) -> Any:
     except ValueError:
         expected = "an integer" if int in kinds else "a number"
         raise ValueError(f"--{name.replace('_', '-')} expects {expected}, got {text!r}") from None
+
+
+# ------------------------------------------------------------------------------------------ API clients
+Url = Annotated[str, typer.Option("--url", envvar="ESGD_URL", help="the service's base URL")]
+ApiKey = Annotated[
+    str | None, typer.Option("--api-key", envvar="ESGD_API_KEY", help="API key, when required")
+]
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def _client(url: str, api_key: str | None) -> httpx.Client:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    return httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=30.0)
+
+
+def _check(response: httpx.Response) -> dict[str, Any]:
+    """The JSON body of a successful response; a problem detail is printed and ends the command."""
+    if response.is_success:
+        return response.json()
+    try:
+        problem = response.json()
+    except ValueError:
+        problem = {"title": response.reason_phrase, "detail": response.text[:500]}
+    console.print(
+        f"[red]{response.status_code} {problem.get('title', '')}[/red]: {problem.get('detail', '')}"
+    )
+    for error in problem.get("errors", []):
+        console.print(f"  {'.'.join(str(part) for part in error.get('loc', []))}: {error.get('msg')}")
+    raise typer.Exit(code=1)
+
+
+@app.command()
+def submit(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="a job spec (JSON)")],
+    wait: Annotated[bool, typer.Option(help="follow the job until it ends")] = False,
+    idempotency_key: Annotated[
+        str | None, typer.Option(help="resubmitting with the same key is safe")
+    ] = None,
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Submit a search job and print its id (and, with --wait, follow it to the end)."""
+    try:
+        spec = json.loads(file.read_text())
+    except ValueError as error:
+        raise typer.BadParameter(f"{file} is not valid JSON: {error}") from error
+    headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+    with _client(url, api_key) as client:
+        job = _check(client.post("/v1/jobs", json=spec, headers=headers))
+        console.print(f"job [bold]{job['id']}[/bold] {job['state']}: {job['name']}")
+        if wait:
+            job = follow(client, job["id"])
+            print_summary(job, url)
+            if job["state"] != "SUCCEEDED":
+                raise typer.Exit(code=1)
+
+
+def follow(client: httpx.Client, job_id: str, poll_s: float = 1.0) -> dict[str, Any]:
+    """Show a live progress bar of the job's trials and best value until it reaches a terminal state."""
+    with Progress(
+        TextColumn("[bold]{task.fields[state]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("trials  {task.fields[detail]}"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        task = progress.add_task("job", total=None, state="QUEUED", detail="")
+        while True:
+            job = _check(client.get(f"/v1/jobs/{job_id}"))
+            p, best = job["progress"], job.get("best_trial")
+            detail = (
+                f"{p['trials_running']} running, {p['trials_pruned']} pruned, {p['trials_failed']} failed"
+            )
+            if best and best["values"]:
+                detail += f"  best {best['values'][0]:.4f} (trial {best['number']})"
+            progress.update(
+                task,
+                total=p["trials_planned"],
+                completed=p["trials_finished"],
+                state=job["state"],
+                detail=detail,
+            )
+            if job["state"] in ("SUCCEEDED", "FAILED", "CANCELLED"):
+                return job
+            time.sleep(poll_s)
+
+
+def print_summary(job: dict[str, Any], url: str) -> None:
+    p, best = job["progress"], job.get("best_trial")
+    console.print(
+        f"job {job['id']} {job['state']}" + (f": {job['failure_reason']}" if job["failure_reason"] else "")
+    )
+    console.print(
+        f"trials: {p['trials_finished']} finished of {p['trials_planned']} planned — "
+        f"{p['trials_complete']} complete, {p['trials_pruned']} pruned, {p['trials_failed']} failed; "
+        f"{p['gradient_evaluations']:,} gradient evaluations"
+    )
+    if best:
+        table = Table(title=f"best trial: #{best['number']}")
+        table.add_column("hyperparameter")
+        table.add_column("value", justify="right")
+        for name, value in best["params"].items():
+            table.add_row(name, f"{value:.4g}" if isinstance(value, float) else str(value))
+        console.print(table)
+        metrics = [
+            f"{o['metric']} {v:.4f}" for o, v in zip(job["spec"]["objectives"], best["values"], strict=False)
+        ]
+        if best.get("test_accuracy") is not None:
+            metrics.append(f"test_accuracy {best['test_accuracy']:.4f}")
+        console.print("best: " + ", ".join(metrics))
+    console.print(f"dashboard: {url.rstrip('/')}/dashboard/")
+
+
+@app.command()
+def status(job_id: str, url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
+    """Show a job's state, progress and best trial."""
+    with _client(url, api_key) as client:
+        print_summary(_check(client.get(f"/v1/jobs/{job_id}")), url)
+
+
+@app.command()
+def trials(job_id: str, url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
+    """List a job's trials with their states, values and reasons."""
+    table = Table(title=f"trials of {job_id}")
+    for column in ("#", "state", "value", "grad evals", "params", "reason"):
+        table.add_column(column)
+    with _client(url, api_key) as client:
+        token = ""
+        while True:
+            page = _check(
+                client.get(f"/v1/jobs/{job_id}/trials", params={"page_size": 100, "page_token": token})
+            )
+            for t in page["items"]:
+                value = ", ".join(f"{v:.4f}" for v in t["values"] if v is not None) if t["values"] else ""
+                params = " ".join(
+                    f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t["params"].items()
+                )
+                table.add_row(
+                    str(t["number"]),
+                    t["state"],
+                    value,
+                    str(t["gradient_evaluations"] or ""),
+                    params,
+                    t["reason"] or "",
+                )
+            token = page["next_page_token"]
+            if not token:
+                break
+    console.print(table)
+
+
+@app.command()
+def cancel(job_id: str, url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
+    """Cancel a job: its running trials stop within seconds."""
+    with _client(url, api_key) as client:
+        job = _check(client.post(f"/v1/jobs/{job_id}/cancel"))
+    console.print(f"job {job['id']} {job['state']}")

@@ -1,0 +1,138 @@
+"""Keeps the service's jobs in step with their drivers on Ray and their studies, in a background thread.
+
+Every ``reconcile_interval_s`` (and at start-up, which is how a restarted API picks up where it was):
+- QUEUED jobs start, first come first served, while fewer than ``max_running_jobs`` are active;
+- CANCELLING jobs have their drivers stopped;
+- active jobs get their progress and best trial copied from their study, so reads never touch Optuna;
+- a job whose driver ended takes the outcome the driver recorded in its study. A driver that died without
+  one (killed, node lost, cluster restarted) is restarted up to ``max_driver_restarts`` times; it resumes the
+  study, failing and retrying the trials that were running. Past that the job FAILS with the reason, and its
+  RUNNING trials are failed here, so nothing stays RUNNING once its task is gone.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+import optuna
+from optuna.trial import TrialState
+from sqlalchemy.orm import Session
+
+from service import jobs, studies
+from service.config import Settings
+from service.dispatch import TERMINAL, RayDispatcher
+from service.schemas import JobCreate, JobState
+from service.tables import Job
+
+logger = logging.getLogger(__name__)
+
+
+class Reconciler:
+    def __init__(
+        self,
+        settings: Settings,
+        sessions: Callable[[], Session],
+        storage: optuna.storages.BaseStorage,
+        dispatcher: RayDispatcher,
+    ) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.storage = storage
+        self.dispatcher = dispatcher
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------------------------------ the thread
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="esgd-reconciler", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.reconcile_once()
+            except Exception:  # a database or Ray outage: log it and try again next round
+                logger.exception(
+                    "reconciliation failed; retrying in %.1f s", self.settings.reconcile_interval_s
+                )
+            self._stop.wait(self.settings.reconcile_interval_s)
+
+    # ------------------------------------------------------------------------------------------ one round
+    def reconcile_once(self) -> None:
+        with self.sessions() as session:
+            for job in jobs.active_jobs(session):
+                self._follow(session, job)
+            self._start_queued(session)
+
+    def _start_queued(self, session: Session) -> None:
+        free = self.settings.max_running_jobs - len(jobs.active_jobs(session))
+        for job in jobs.queued_jobs(session)[: max(free, 0)]:
+            self._submit(session, job)
+            jobs.transition(session, job, JobState.RUNNING)
+            session.commit()
+
+    def _submit(self, session: Session, job: Job) -> None:
+        job.driver_attempts += 1
+        job.ray_submission_id = self.dispatcher.submit(job.id, job.study_name, job.driver_attempts)
+        session.commit()
+        logger.info("job %s: driver %s submitted", job.id, job.ray_submission_id)
+
+    def _follow(self, session: Session, job: Job) -> None:
+        self._copy_summary(session, job)
+        status = self.dispatcher.status(job.ray_submission_id) if job.ray_submission_id else None
+        if status is not None and status not in TERMINAL:
+            if job.state == JobState.CANCELLING:
+                self.dispatcher.stop(job.ray_submission_id)
+            return
+        outcome = self._outcome(job)
+        if outcome is not None:
+            state, reason = JobState(outcome["state"]), outcome.get("reason")
+            if job.state == JobState.CANCELLING and state != JobState.SUCCEEDED:
+                state = JobState.CANCELLED
+            self._finish(session, job, state, reason)
+        elif job.state == JobState.CANCELLING:
+            self._fail_running_trials(job, "the job was cancelled")
+            self._finish(session, job, JobState.CANCELLED, "cancelled on request")
+        elif job.driver_attempts <= self.settings.max_driver_restarts:
+            logger.warning(
+                "job %s: driver %s ended without an outcome; restarting it", job.id, job.ray_submission_id
+            )
+            self._submit(session, job)
+        else:
+            last_words = self.dispatcher.logs_tail(job.ray_submission_id) if job.ray_submission_id else ""
+            reason = f"the job driver stopped without finishing {job.driver_attempts} times"
+            reason += f" (Ray status {status})" if status else " (unknown to Ray)"
+            if last_words:
+                reason += f"; its last log lines:\n{last_words}"
+            self._fail_running_trials(job, "its job driver stopped")
+            self._finish(session, job, JobState.FAILED, reason)
+
+    def _finish(self, session: Session, job: Job, state: JobState, reason: str | None) -> None:
+        self._copy_summary(session, job)
+        jobs.transition(session, job, state, reason)
+        session.commit()
+        logger.info("job %s ended %s%s", job.id, state.value, f": {reason}" if reason else "")
+
+    def _copy_summary(self, session: Session, job: Job) -> None:
+        spec = JobCreate.model_validate(job.spec)
+        progress, best = studies.summarise(spec, studies.trials(self.storage, job.study_name))
+        jobs.update_summary(session, job, progress, best)
+        session.commit()
+
+    def _outcome(self, job: Job) -> dict | None:
+        study_id = self.storage.get_study_id_from_name(job.study_name)
+        return self.storage.get_study_user_attrs(study_id).get("outcome")
+
+    def _fail_running_trials(self, job: Job, reason: str) -> None:
+        """Only once the driver is gone: the study then has no other writer."""
+        study = optuna.load_study(study_name=job.study_name, storage=self.storage)
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            self.storage.set_trial_user_attr(trial._trial_id, "reason", reason)  # no public id accessor
+            study.tell(trial.number, state=TrialState.FAIL)
