@@ -1,0 +1,46 @@
+"""The full service: the API app wired to Ray (dispatcher, reconciler, readiness).
+
+``uvicorn --factory service.serving:build_app`` serves it with settings from the environment; ``esgd serve``
+does the same after starting a private local Ray when no ``RAY_ADDRESS`` is given.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from service.config import Settings, get_settings
+from service.dispatch import DriverSettings, RayDispatcher
+from service.main import create_app
+from service.reconcile import Reconciler
+
+
+def build_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    if not settings.ray_address:
+        raise RuntimeError("no Ray cluster: set RAY_ADDRESS (the Jobs API URL), or run `esgd serve`")
+    dispatcher = RayDispatcher(
+        settings.ray_address,
+        DriverSettings(
+            python=settings.driver_python or sys.executable,
+            optuna_storage_url=settings.resolved_optuna_storage_url(),
+            artifacts_dir=settings.artifacts_dir,
+            data_cache_dir=settings.data_dir / "datasets",
+        ),
+    )
+
+    @asynccontextmanager
+    async def reconciler(app: FastAPI) -> AsyncIterator[None]:
+        worker = Reconciler(settings, app.state.db.session, app.state.optuna.get(), dispatcher)
+        worker.start()
+        try:
+            yield
+        finally:
+            worker.stop()
+
+    app = create_app(settings, background=[reconciler], ray_ping=dispatcher.ping)
+    app.state.dispatcher = dispatcher
+    return app
