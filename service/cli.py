@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -309,3 +310,86 @@ def cancel(job_id: str, url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
     with _client(url, api_key) as client:
         job = _check(client.post(f"/v1/jobs/{job_id}/cancel"))
     console.print(f"job {job['id']} {job['state']}")
+
+
+# ------------------------------------------------------------------------------------------ serving
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+    data_dir: Annotated[Path, typer.Option(envvar="ESGD_DATA_DIR", help="SQLite files, artifacts")] = Path(
+        ".esgd"
+    ),
+    ray_address: Annotated[
+        str | None, typer.Option(envvar="RAY_ADDRESS", help="an existing cluster's Jobs API URL")
+    ] = None,
+    num_cpus: Annotated[int | None, typer.Option(help="CPUs of the local Ray (default: all)")] = None,
+) -> None:
+    """Run the API, the dashboard and the job scheduler, on a private local Ray unless RAY_ADDRESS is set."""
+    import uvicorn
+
+    from service.config import Settings
+    from service.local_ray import LocalRay
+    from service.serving import build_app
+
+    data_dir = data_dir.resolve()
+    local = None
+    if not ray_address:
+        local = LocalRay(data_dir / "ray.log", num_cpus=num_cpus)
+        with console.status("starting a local Ray cluster"):
+            ray_address = local.start()
+        console.print(f"local Ray started: Jobs API at {ray_address}")
+    try:
+        settings = Settings(data_dir=data_dir, ray_address=ray_address, public_url=f"http://{host}:{port}")
+        console.print(f"API at http://{host}:{port}/docs, dashboard at http://{host}:{port}/dashboard/")
+        uvicorn.run(build_app(settings), host=host, port=port, log_level="info")
+    finally:
+        if local is not None:
+            local.stop()
+
+
+@app.command()
+def demo(
+    spec: Annotated[Path, typer.Option(exists=True, help="the job to run")] = Path(
+        "examples/mnist1d_entropy_sgd.json"
+    ),
+    port: Annotated[int, typer.Option()] = 8000,
+    data_dir: Annotated[Path, typer.Option()] = Path(".esgd"),
+    keep_serving: Annotated[bool, typer.Option(help="keep the API and dashboard up afterwards")] = False,
+) -> None:
+    """The main job: start the service, submit a real search over REST, follow it and print the result."""
+    import subprocess
+    import sys
+
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--data-dir", str(data_dir)],
+        env={**os.environ, "ESGD_DATA_DIR": str(data_dir.resolve())},
+    )
+    try:
+        with _client(url, None) as client, console.status("waiting for the service"):
+            deadline = time.monotonic() + 180
+            while True:
+                if server.poll() is not None:
+                    raise typer.Exit(code=server.returncode or 1)
+                try:
+                    if client.get("/readyz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    console.print("[red]the service did not become ready in 180 s[/red]")
+                    raise typer.Exit(code=1)
+                time.sleep(1)
+        submit(spec, wait=True, idempotency_key=None, url=url, api_key=None)
+        if keep_serving:
+            console.print("serving until Ctrl-C")
+            server.wait()
+    finally:
+        if server.poll() is None:
+            server.terminate()
+            server.wait(timeout=120)
+
+
+if __name__ == "__main__":
+    app()

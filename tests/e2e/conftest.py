@@ -1,0 +1,134 @@
+"""A real local Ray cluster for the session and real API processes on top of it."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import create_engine, make_url, text
+
+from service.local_ray import LocalRay, free_port
+
+
+@pytest.fixture(scope="session")
+def ray_address(tmp_path_factory) -> Iterator[str]:
+    """One local Ray head (2 CPUs) shared by the session, torn down at the end."""
+    ray = LocalRay(tmp_path_factory.mktemp("ray") / "ray.log", num_cpus=2)
+    address = ray.start()
+    try:
+        yield address
+    finally:
+        ray.stop()
+
+
+class Server:
+    """``uvicorn --factory service.serving:build_app`` in its own process, as production runs it."""
+
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.env = env
+        self.log = log
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        command = [sys.executable, "-m", "uvicorn", "--factory", "service.serving:build_app"]
+        command += ["--host", "127.0.0.1", "--port", str(self.port)]
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"the API exited with {self.process.returncode}:\n{self.log.read_text()[-3000:]}"
+                )
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError(f"the API was not ready in {timeout_s} s:\n{self.log.read_text()[-3000:]}")
+
+    def kill(self) -> None:
+        """SIGKILL: the API dies without any clean-up, as in a crash."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=30)
+
+
+def _fresh_postgres_pair(admin_url: str) -> tuple[str, str, Callable[[], None]]:
+    """Two new databases per API (service and Optuna), so each test starts empty."""
+    admin = make_url(admin_url)
+    engine = create_engine(admin, isolation_level="AUTOCOMMIT")
+    names = [f"esgd_e2e_{secrets.token_hex(4)}_{kind}" for kind in ("service", "optuna")]
+    with engine.connect() as connection:
+        for name in names:
+            connection.execute(text(f'CREATE DATABASE "{name}"'))
+
+    def drop() -> None:
+        with engine.connect() as connection:
+            for name in names:
+                connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        engine.dispose()
+
+    urls = [admin.set(database=name).render_as_string(hide_password=False) for name in names]
+    return urls[0], urls[1], drop
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def server(request, ray_address, tmp_path, backend) -> Iterator[Server]:
+    """A running API on the shared Ray, with its databases on the parametrised backend."""
+    env = {
+        **os.environ,
+        "RAY_ADDRESS": ray_address,
+        "ESGD_DATA_DIR": str(tmp_path / "data"),
+        "ESGD_RECONCILE_INTERVAL_S": "0.5",
+        "ESGD_MAX_RUNNING_JOBS": "2",
+    }
+    drop = None
+    if backend == "postgresql":
+        admin_url = request.getfixturevalue("postgres").admin_url  # fails loudly when PostgreSQL is down
+        env["ESGD_DATABASE_URL"], env["ESGD_OPTUNA_STORAGE_URL"], drop = _fresh_postgres_pair(admin_url)
+    server = Server(env, tmp_path / "api.log")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        if drop is not None:
+            drop()
+
+
+def wait_for(client: httpx.Client, job_id: str, states: set[str], timeout_s: float = 240) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["state"] in states:
+            return job
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} still {job['state']} after {timeout_s} s: {job}")
