@@ -260,12 +260,10 @@ class JobCreate(_Strict):
     def _default_search_space(cls, data: Any) -> Any:
         """Store the documented default space explicitly, so a job shows what it searched."""
         if isinstance(data, dict) and data.get("search_space") is None:
+            defaults = {"entropy_sgd": DEFAULT_SEARCH_SPACE, **BASELINE_SEARCH_SPACES}
             optimizer = data.get("optimizer", "entropy_sgd")
-            default = (
-                DEFAULT_SEARCH_SPACE if optimizer == "entropy_sgd" else BASELINE_SEARCH_SPACES.get(optimizer)
-            )
-            if default is not None:
-                data = {**data, "search_space": default}
+            if isinstance(optimizer, str) and optimizer in defaults:  # else the optimizer field reports it
+                data = {**data, "search_space": defaults[optimizer]}
         return data
 
     @field_validator("model")
