@@ -74,9 +74,11 @@ class Reconciler:
     def _start_queued(self, session: Session) -> None:
         free = self.settings.max_running_jobs - len(jobs.active_jobs(session))
         for job in jobs.queued_jobs(session)[: max(free, 0)]:
-            self._submit(session, job)
-            jobs.transition(session, job, JobState.RUNNING)
-            session.commit()
+            self._submit(session, job)  # before RUNNING: while Ray refuses, the job stays QUEUED
+            try:
+                jobs.transition(session, job, JobState.RUNNING)
+            except jobs.InvalidTransition:  # cancelled meanwhile: its driver must not run
+                self.dispatcher.stop(job.ray_submission_id)
 
     def _submit(self, session: Session, job: Job) -> None:
         job.driver_attempts += 1
@@ -96,6 +98,8 @@ class Reconciler:
             state, reason = JobState(outcome["state"]), outcome.get("reason")
             if job.state == JobState.CANCELLING and state != JobState.SUCCEEDED:
                 state = JobState.CANCELLED
+            elif job.state == JobState.RUNNING and state == JobState.CANCELLED:
+                state, reason = JobState.FAILED, "its driver was stopped from outside the service"
             self._finish(session, job, state, reason)
         elif job.state == JobState.CANCELLING:
             self._fail_running_trials(job, "the job was cancelled")

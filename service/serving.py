@@ -14,8 +14,10 @@ from fastapi import FastAPI
 
 from service.config import Settings, get_settings
 from service.dispatch import DriverSettings, RayDispatcher
+from service.jobs import SpecRejected
 from service.main import create_app
 from service.reconcile import Reconciler
+from service.schemas import JobCreate
 
 
 def build_app(settings: Settings | None = None) -> FastAPI:
@@ -41,6 +43,23 @@ def build_app(settings: Settings | None = None) -> FastAPI:
         finally:
             worker.stop()
 
-    app = create_app(settings, background=[reconciler], ray_ping=dispatcher.ping)
+    def fits_cluster(spec: JobCreate) -> None:
+        """Refuse a job the cluster can never run: a trial larger than any node, or more in parallel than fit."""
+        cluster = dispatcher.cluster_resources()
+        errors = []
+        for kind, field in (("CPU", "cpus"), ("GPU", "gpus")):
+            need = getattr(spec.resources, field)
+            if need > cluster[f"max_node_{kind}"]:
+                most = cluster[f"max_node_{kind}"]
+                errors.append(
+                    (["resources", field], f"a trial needs {need:g} {kind}s; the largest node has {most:g}")
+                )
+            elif need > 0 and spec.parallelism * need > cluster[kind]:
+                message = f"{spec.parallelism} trials of {need:g} {kind}s need {spec.parallelism * need:g}"
+                errors.append((["parallelism"], f"{message}; the cluster has {cluster[kind]:g}"))
+        if errors:
+            raise SpecRejected(*errors)
+
+    app = create_app(settings, background=[reconciler], ray_ping=dispatcher.ping, spec_checks=[fits_cluster])
     app.state.dispatcher = dispatcher
     return app

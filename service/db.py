@@ -1,0 +1,132 @@
+"""Engines, sessions and migrations for the service's own database (SQLite embedded, PostgreSQL deployed).
+
+SQLite is shared by the API, the reconciler and the CLI, so every connection gets WAL (readers never block
+the writer) and a busy timeout (writers wait their turn instead of failing). Alembic is the only way the
+schema changes: :func:`migrate` runs ``upgrade head`` programmatically, no ``alembic.ini`` needed.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, make_url, text
+from sqlalchemy.orm import Session, sessionmaker
+
+SQLITE_BUSY_TIMEOUT_S = 30.0
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+VERSION_TABLE = "esgd_alembic_version"
+"""Not Alembic's default name, so it can never be mistaken for Optuna's own ``alembic_version``."""
+_MIGRATION_LOCK_ID = 0x45534744  # "ESGD": a PostgreSQL advisory lock serialising concurrent migrations
+_migration_lock = threading.Lock()
+
+_json_serializer = functools.partial(json.dumps, allow_nan=False)
+"""NaN is not JSON (and PostgreSQL rejects it): storing one is a bug, so it fails loudly."""
+
+
+def is_sqlite(url: str) -> bool:
+    return make_url(url).get_backend_name() == "sqlite"
+
+
+def ensure_sqlite_directory(url: str) -> None:
+    """Create the folder a SQLite file URL points into (the embedded default lives in ``.esgd/``)."""
+    database = make_url(url).database
+    if database and database != ":memory:" and not database.startswith("file:"):
+        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+
+
+def sqlite_pragmas(busy_timeout_s: float = SQLITE_BUSY_TIMEOUT_S) -> Callable[[Any, Any], None]:
+    """A ``connect`` listener: WAL, the busy timeout, and foreign keys on every new SQLite connection."""
+
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+        finally:
+            cursor.close()
+
+    return on_connect
+
+
+def make_engine(url: str, *, busy_timeout_s: float = SQLITE_BUSY_TIMEOUT_S, **kwargs: Any) -> Engine:
+    """An engine for the service database: WAL + busy timeout on SQLite, pre-ping on PostgreSQL."""
+    options: dict[str, Any] = {"json_serializer": _json_serializer}
+    if is_sqlite(url):
+        ensure_sqlite_directory(url)
+        options["connect_args"] = {"check_same_thread": False, "timeout": busy_timeout_s}
+    else:
+        options["pool_pre_ping"] = True
+        if make_url(url).get_backend_name() == "postgresql":
+            options["connect_args"] = {"connect_timeout": 5}
+    options.update(kwargs)
+    engine = create_engine(url, **options)
+    if is_sqlite(url):
+        event.listen(engine, "connect", sqlite_pragmas(busy_timeout_s))
+    return engine
+
+
+class Database:
+    """The service database: one engine and its session factory, shared by a process."""
+
+    def __init__(self, url: str, **engine_kwargs: Any) -> None:
+        self.url = url
+        self.engine = make_engine(url, **engine_kwargs)
+        self.sessionmaker = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A session that is rolled back if the block raises and always closed."""
+        with self.sessionmaker() as session:
+            try:
+                yield session
+            except BaseException:
+                session.rollback()
+                raise
+
+    def ping(self) -> None:
+        """Raise unless the database answers ``SELECT 1``."""
+        with self.engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def alembic_config(connection: Any = None) -> Any:
+    """Alembic's configuration, built in code: the scripts in ``service/migrations``, our version table."""
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.attributes["connection"] = connection
+    config.attributes["version_table"] = VERSION_TABLE
+    return config
+
+
+def migrate(url: str, revision: str = "head") -> None:
+    """Bring the service database at ``url`` to ``revision`` (creating it from nothing if needed).
+
+    Safe to call from several processes at once (a database lock serialises them) and from several threads
+    (Alembic's ``context`` is process-global, so a process lock too).
+    """
+    from alembic import command
+
+    engine = make_engine(url)
+    try:
+        with _migration_lock, engine.begin() as connection:
+            # One migrator at a time (the API and the CLI may start together).
+            if connection.dialect.name == "postgresql":
+                connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _MIGRATION_LOCK_ID})
+            elif connection.dialect.name == "sqlite":
+                connection.exec_driver_sql("BEGIN IMMEDIATE")
+            command.upgrade(alembic_config(connection), revision)
+    finally:
+        engine.dispose()
