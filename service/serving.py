@@ -44,7 +44,7 @@ def build_app(settings: Settings | None = None) -> FastAPI:
             worker.stop()
 
     def fits_cluster(spec: JobCreate) -> None:
-        """Refuse a job the cluster can never run: a trial larger than any node, or more in parallel than fit."""
+        """Refuse what the cluster can never run: a trial larger than any node, or too many at once."""
         cluster = dispatcher.cluster_resources()
         errors = []
         for kind, field in (("CPU", "cpus"), ("GPU", "gpus")):
