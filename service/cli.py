@@ -324,6 +324,7 @@ def serve(
         str | None, typer.Option(envvar="RAY_ADDRESS", help="an existing cluster's Jobs API URL")
     ] = None,
     num_cpus: Annotated[int | None, typer.Option(help="CPUs of the local Ray (default: all)")] = None,
+    access_log: Annotated[bool, typer.Option(help="log every request")] = True,
 ) -> None:
     """Run the API, the dashboard and the job scheduler, on a private local Ray unless RAY_ADDRESS is set."""
     import uvicorn
@@ -342,7 +343,7 @@ def serve(
     try:
         settings = Settings(data_dir=data_dir, ray_address=ray_address, public_url=f"http://{host}:{port}")
         console.print(f"API at http://{host}:{port}/docs, dashboard at http://{host}:{port}/dashboard/")
-        uvicorn.run(build_app(settings), host=host, port=port, log_level="info")
+        uvicorn.run(build_app(settings), host=host, port=port, log_level="info", access_log=access_log)
     finally:
         if local is not None:
             local.stop()
@@ -362,8 +363,9 @@ def demo(
     import sys
 
     url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "service.cli", "serve", "--no-access-log"]
     server = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--data-dir", str(data_dir)],
+        [*command, "--port", str(port), "--data-dir", str(data_dir)],
         env={**os.environ, "ESGD_DATA_DIR": str(data_dir.resolve())},
     )
     try:

@@ -95,14 +95,7 @@ def _fresh_postgres_pair(admin_url: str) -> tuple[str, str, Callable[[], None]]:
     return urls[0], urls[1], drop
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def backend(request) -> str:
-    return request.param
-
-
-@pytest.fixture
-def server(request, ray_address, tmp_path, backend) -> Iterator[Server]:
-    """A running API on the shared Ray, with its databases on the parametrised backend."""
+def _serve(request, ray_address: str, tmp_path: Path, backend: str) -> Iterator[Server]:
     env = {
         **os.environ,
         "RAY_ADDRESS": ray_address,
@@ -122,6 +115,18 @@ def server(request, ray_address, tmp_path, backend) -> Iterator[Server]:
         server.stop()
         if drop is not None:
             drop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def server(request, ray_address, tmp_path) -> Iterator[Server]:
+    """A running API on the shared Ray, with its databases on each backend in turn."""
+    yield from _serve(request, ray_address, tmp_path, request.param)
+
+
+@pytest.fixture
+def embedded_server(request, ray_address, tmp_path) -> Iterator[Server]:
+    """A running API on SQLite, for behaviour that does not depend on the database."""
+    yield from _serve(request, ray_address, tmp_path, "sqlite")
 
 
 def wait_for(client: httpx.Client, job_id: str, states: set[str], timeout_s: float = 240) -> dict:

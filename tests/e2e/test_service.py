@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import optuna
-import pytest
 from optuna.trial import TrialState
 
 from tests.e2e.conftest import wait_for
@@ -89,9 +88,8 @@ def test_a_job_runs_to_success_and_every_view_agrees(server):
     assert f'"number": {study.best_trial.number}' in cli.stdout
 
 
-def test_cancel_stops_running_trials_within_seconds_and_frees_ray(server, backend):
-    if backend == "postgresql":
-        pytest.skip("the cancellation path does not depend on the database; run once, on SQLite")
+def test_cancel_stops_running_trials_within_seconds_and_frees_ray(embedded_server):
+    server = embedded_server
     with server.client() as client:
         job = submit(client, budget={"trials": 8, "epochs_per_trial": 200, "batch_size": 32})
         wait_for(client, job["id"], {"RUNNING"})
@@ -125,9 +123,8 @@ def _assert_ray_resources_free(address, timeout_s=30):
         time.sleep(1)
 
 
-def test_a_killed_trial_worker_fails_that_trial_which_is_retried(server, backend):
-    if backend == "postgresql":
-        pytest.skip("the retry path does not depend on the database; run once, on SQLite")
+def test_a_killed_trial_worker_fails_that_trial_which_is_retried(embedded_server):
+    server = embedded_server
     from ray.util.state import list_tasks
 
     with server.client() as client:
@@ -154,7 +151,7 @@ def test_a_killed_trial_worker_fails_that_trial_which_is_retried(server, backend
     assert len(retry) == 1 and retry[0].params == failed[0].params and retry[0].state == TrialState.COMPLETE
 
 
-def test_restarting_the_api_mid_job_loses_and_duplicates_nothing(server, backend):
+def test_restarting_the_api_mid_job_loses_and_duplicates_nothing(server):
     with server.client() as client:
         job = submit(client, budget={"trials": 4, "epochs_per_trial": 15, "batch_size": 32})
         wait_for(client, job["id"], {"RUNNING"})
@@ -171,9 +168,8 @@ def test_restarting_the_api_mid_job_loses_and_duplicates_nothing(server, backend
     assert all(t.state != TrialState.RUNNING for t in study.trials)
 
 
-def test_parallelism_beyond_the_cluster_is_refused(server, backend):
-    if backend == "postgresql":
-        pytest.skip("validation against the cluster does not depend on the database")
+def test_parallelism_beyond_the_cluster_is_refused(embedded_server):
+    server = embedded_server
     with server.client() as client:
         response = client.post("/v1/jobs", json={"name": "too-wide", **TINY, "parallelism": 64})
         assert response.status_code == 422
