@@ -42,6 +42,8 @@ class TrialResult:
     test_loss: float | None = None
     test_accuracy: float | None = None
     reason: str | None = None
+    first_step_at: float | None = None  # Unix times of the first and last optimizer steps, to measure
+    last_step_at: float | None = None  # the service's overhead around training
     state_dict: dict[str, Any] | None = field(default=None, repr=False)
 
     def metrics(self) -> dict[str, Any]:

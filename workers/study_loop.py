@@ -7,7 +7,8 @@ the reason and retried with the same parameters (as a new, enqueued Optuna trial
 
 Trial user attributes written here, read by the service: ``gradient_evaluations`` (updated every epoch),
 ``reason`` (why a trial did not complete), ``attempt`` and ``retry_of`` (for retries), ``will_retry``,
-``test_accuracy``, ``test_loss``, ``val_accuracy``, ``val_loss``, ``wall_time``. When the loop ends, the study
+``test_accuracy``, ``test_loss``, ``val_accuracy``, ``val_loss``, ``wall_time``, ``first_step_at`` and
+``last_step_at`` (Unix times, for measuring the overhead around training). When the loop ends, the study
 gets the user attribute ``outcome``: ``{"state": SUCCEEDED | FAILED | CANCELLED, "reason": ...}``.
 """
 

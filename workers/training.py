@@ -129,8 +129,10 @@ def iterate_trial(
     history: list[EpochMetrics] = []
     status, reason = "completed", None
     model.train()
+    first_step_at = time.time()
     while spent < budget:
         epoch_losses.append(_step(optimizer, closure, budget - spent).detach())
+        last_step_at = time.time()
         if spent < per_epoch * (len(history) + 1) and spent < budget:
             continue
         train_loss = torch.stack(epoch_losses).mean().item()
@@ -163,6 +165,8 @@ def iterate_trial(
         history=history,
         gradient_evaluations=spent,
         wall_time=0.0,
+        first_step_at=first_step_at,
+        last_step_at=last_step_at,
         state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},
     )
     if history:
