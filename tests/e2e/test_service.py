@@ -177,3 +177,48 @@ def test_parallelism_beyond_the_cluster_is_refused(embedded_server):
         response = client.post("/v1/jobs", json={"name": "too-big", **TINY, "resources": {"cpus": 64}})
         assert response.status_code == 422
         assert client.get("/v1/jobs").json()["items"] == []
+
+
+def test_a_killed_driver_is_restarted_and_resumes_the_study(embedded_server):
+    server = embedded_server
+    with server.client() as client:
+        job = submit(client, budget={"trials": 4, "epochs_per_trial": 30, "batch_size": 32})
+        deadline = time.monotonic() + 120
+        while client.get(f"/v1/jobs/{job['id']}").json()["progress"]["trials_running"] < 1:
+            assert time.monotonic() < deadline, "no trial started"
+            time.sleep(0.3)
+        found = subprocess.run(
+            ["pgrep", "-f", f"workers.driver.*{job['study_name']}"], capture_output=True, text=True
+        )
+        pids = [int(pid) for pid in found.stdout.split()]
+        assert pids, "the driver process was not found"
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)  # the driver dies for real, its trials with it
+        job = wait_for(client, job["id"], {"SUCCEEDED", "FAILED", "CANCELLED"})
+    assert job["state"] == "SUCCEEDED", job
+    _, study = load_study(server, job)
+    orphans = [t for t in study.trials if t.user_attrs.get("reason") == "its job driver stopped while it ran"]
+    assert orphans and all(t.state == TrialState.FAIL for t in orphans)
+    assert not [t for t in study.trials if t.state == TrialState.RUNNING]
+    assert sum(not t.user_attrs.get("will_retry") for t in study.trials) == 4  # the budget, each trial once
+
+
+def test_pruning_prunes_with_a_pruner_and_not_without(embedded_server):
+    hopeless = {**TINY["search_space"], "lr": {"type": "categorical", "choices": [1.0, 1e-7]}}
+    common = {
+        "search_space": hopeless,
+        "sampler": {"name": "random", "seed": 3},
+        "budget": {"trials": 8, "epochs_per_trial": 4, "batch_size": 64},
+        "parallelism": 1,
+    }
+    states = {}
+    with embedded_server.client() as client:
+        for pruner in ("median", "none"):
+            spec = {**common, "pruner": {"name": pruner, "n_startup_trials": 1, "n_warmup_steps": 0}}
+            job = submit(client, **spec)
+            job = wait_for(client, job["id"], {"SUCCEEDED", "FAILED", "CANCELLED"})
+            assert job["state"] == "SUCCEEDED", job
+            states[pruner] = [t.state for t in load_study(embedded_server, job)[1].trials]
+            assert job["progress"]["trials_pruned"] == states[pruner].count(TrialState.PRUNED)
+    assert TrialState.PRUNED in states["median"]
+    assert TrialState.PRUNED not in states["none"]
