@@ -7,6 +7,7 @@ trials; the trials themselves are written by the job's search driver, never by t
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import sqlite3
 import threading
@@ -118,9 +119,18 @@ def study_exists(storage: RDBStorage, study_name: str) -> bool:
 
 
 def trials(storage: RDBStorage, study_name: str) -> list[FrozenTrial]:
-    """All trials of a study, by number (raises KeyError if the study does not exist)."""
-    study_id = storage.get_study_id_from_name(study_name)
-    return sorted(storage.get_all_trials(study_id, deepcopy=False), key=lambda t: t.number)
+    """All trials of a study, by number (raises KeyError if the study does not exist).
+
+    Read through a kept ``optuna.Study``: Optuna's storage cache then holds the finished trials (they never
+    change) and each call fetches only the unfinished and new ones, instead of the whole study.
+    """
+    study = _loaded_study(storage, study_name)  # a missing study raises, and misses are not cached
+    return sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+
+
+@functools.lru_cache(maxsize=256)
+def _loaded_study(storage: RDBStorage, study_name: str) -> optuna.Study:
+    return optuna.load_study(study_name=study_name, storage=storage)
 
 
 def trial(storage: RDBStorage, study_name: str, number: int) -> FrozenTrial:

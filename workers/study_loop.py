@@ -260,6 +260,8 @@ class StudyLoop:
             "val_accuracy",
             "test_loss",
             "test_accuracy",
+            "first_step_at",
+            "last_step_at",
         ):
             value = getattr(result, key)
             if value is not None and math.isfinite(value):

@@ -56,6 +56,11 @@ def test_search_runs_to_budget_with_intermediate_values_and_best_weights(tmp_pat
         assert sorted(t.intermediate_values) == [1, 2, 3]
         assert t.user_attrs["gradient_evaluations"] == 42  # 900 // 64 = 14 per epoch
         assert 0.0 <= t.user_attrs["test_accuracy"] <= 1.0
+        start, first, last, end = (
+            t.datetime_start.timestamp(), t.user_attrs["first_step_at"], t.user_attrs["last_step_at"],
+            t.datetime_complete.timestamp(),
+        )  # fmt: skip
+        assert start <= first <= last <= end
         assert t.params["langevin_steps"] in range(1, 5)
     assert study.best_value > 0.6
     import torch
