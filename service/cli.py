@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -333,6 +334,9 @@ def serve(
     from service.local_ray import LocalRay
     from service.serving import build_app
 
+    # uvicorn re-raises the SIGTERM it handled once it has shut down; unwinding instead lets `finally` stop
+    # the local Ray rather than leaving it behind.
+    signal.signal(signal.SIGTERM, _unwind)
     data_dir = data_dir.resolve()
     local = None
     if not ray_address:
@@ -347,6 +351,10 @@ def serve(
     finally:
         if local is not None:
             local.stop()
+
+
+def _unwind(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 @app.command()
