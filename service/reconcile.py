@@ -126,7 +126,7 @@ class Reconciler:
 
     def _copy_summary(self, session: Session, job: Job) -> None:
         spec = JobCreate.model_validate(job.spec)
-        progress, best = studies.summarise(spec, studies.trials(self.storage, job.study_name))
+        progress, best = studies.summarise_job(self.storage, job.study_name, spec)
         jobs.update_summary(session, job, progress, best)
         session.commit()
 

@@ -314,11 +314,22 @@ class JobCreate(_Strict):
             raise ValueError("pruning needs a single objective; set pruner.name to 'none'")
         return pruner
 
+    def baseline(self, optimizer: str) -> JobCreate:
+        """The search run alongside for a baseline: the same data, model, budget and settings, searching the
+        baseline's documented default space (its learning rate) instead of Entropy-SGD's knobs."""
+        spec = self.model_dump(mode="json", exclude={"search_space", "baselines"})
+        return JobCreate.model_validate({**spec, "optimizer": optimizer})
+
     @field_validator("baselines")
     @classmethod
-    def _distinct_baselines(cls, baselines: list[str]) -> list[str]:
+    def _baselines_fit(cls, baselines: list[str], info: ValidationInfo) -> list[str]:
         if len(set(baselines)) != len(baselines):
             raise ValueError("baselines must be distinct")
+        sampler = info.data.get("sampler")
+        if baselines and sampler is not None and sampler.name == "grid":
+            raise ValueError(
+                "a baseline searches a continuous learning rate, which a grid cannot; use another sampler"
+            )
         return baselines
 
 
@@ -408,6 +419,22 @@ class JobState(StrEnum):
         return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
 
 
+class BestTrial(BaseModel):
+    number: int
+    values: list[float | None]
+    params: dict[str, Any]
+    test_accuracy: float | None = None
+
+
+class BaselineSummary(BaseModel):
+    """A baseline optimizer's own search, with the job's budget, in the study ``study_name``."""
+
+    optimizer: str
+    study_name: str
+    trials_finished: int = 0
+    best_trial: BestTrial | None = None
+
+
 class Progress(BaseModel):
     trials_planned: int
     trials_finished: int = 0
@@ -416,13 +443,7 @@ class Progress(BaseModel):
     trials_pruned: int = 0
     trials_failed: int = 0
     gradient_evaluations: int = 0
-
-
-class BestTrial(BaseModel):
-    number: int
-    values: list[float | None]
-    params: dict[str, Any]
-    test_accuracy: float | None = None
+    baselines: list[BaselineSummary] = []
 
 
 class JobPublic(BaseModel):

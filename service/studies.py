@@ -21,7 +21,9 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import event, make_url, text
 
 from service.db import SQLITE_BUSY_TIMEOUT_S, ensure_sqlite_directory, is_sqlite, sqlite_pragmas
-from service.schemas import BestTrial, EpochPublic, JobCreate, Progress, TrialPublic
+from service.schemas import BaselineSummary, BestTrial, EpochPublic, JobCreate, Progress, TrialPublic
+
+BASELINES = ("sgd", "adam")
 
 SPEC_ATTR = "spec"
 JOB_ID_ATTR = "job_id"
@@ -94,20 +96,35 @@ class StudyStorage:
 
 # ----------------------------------------------------------------------------- one study per job
 def create_study_for_job(storage: RDBStorage, study_name: str, spec: JobCreate, *, job_id: str) -> None:
-    """Create the job's study: its directions from the objectives, the spec and job id as user attrs."""
-    study = optuna.create_study(
-        storage=storage,
-        study_name=study_name,
-        directions=[objective.direction or "maximize" for objective in spec.objectives],
-    )
-    study.set_user_attr(SPEC_ATTR, spec.model_dump(mode="json"))
-    study.set_user_attr(JOB_ID_ATTR, job_id)
+    """Create the job's study: its directions from the objectives, the spec and job id as user attrs.
+
+    Each baseline gets a study of its own, ``{study_name}.{optimizer}``, holding its spec; the main study's
+    ``baselines`` attribute maps the optimizers to those names. The driver runs them after the main search.
+    """
+    searches = [(study_name, spec)] + [
+        (baseline_study_name(study_name, b), spec.baseline(b)) for b in spec.baselines
+    ]
+    for name, search in searches:
+        study = optuna.create_study(
+            storage=storage,
+            study_name=name,
+            directions=[objective.direction or "maximize" for objective in search.objectives],
+        )
+        study.set_user_attr(SPEC_ATTR, search.model_dump(mode="json"))
+        study.set_user_attr(JOB_ID_ATTR, job_id)
+        if name == study_name and spec.baselines:
+            study.set_user_attr("baselines", {b: baseline_study_name(study_name, b) for b in spec.baselines})
+
+
+def baseline_study_name(study_name: str, optimizer: str) -> str:
+    return f"{study_name}.{optimizer}"
 
 
 def delete_study(storage: RDBStorage, study_name: str) -> None:
-    """Delete a study and its trials; a study that is already gone is not an error."""
-    with contextlib.suppress(KeyError):
-        storage.delete_study(storage.get_study_id_from_name(study_name))
+    """Delete a job's study (and its baselines' studies); one that is already gone is not an error."""
+    for name in [study_name] + [baseline_study_name(study_name, b) for b in BASELINES]:
+        with contextlib.suppress(KeyError):
+            storage.delete_study(storage.get_study_id_from_name(name))
 
 
 def study_exists(storage: RDBStorage, study_name: str) -> bool:
@@ -140,6 +157,24 @@ def trial(storage: RDBStorage, study_name: str, number: int) -> FrozenTrial:
 
 
 # ----------------------------------------------------------------------------- summaries
+def summarise_job(storage: RDBStorage, study_name: str, spec: JobCreate) -> tuple[Progress, BestTrial | None]:
+    """The job's progress and best trial, with a summary of each baseline's search."""
+    progress, best = summarise(spec, trials(storage, study_name))
+    for optimizer in spec.baselines:
+        name = baseline_study_name(study_name, optimizer)
+        baseline_progress, baseline_best = summarise(spec.baseline(optimizer), trials(storage, name))
+        progress.baselines.append(
+            BaselineSummary(
+                optimizer=optimizer,
+                study_name=name,
+                trials_finished=baseline_progress.trials_finished,
+                best_trial=baseline_best,
+            )
+        )
+        progress.gradient_evaluations += baseline_progress.gradient_evaluations
+    return progress, best
+
+
 def summarise(spec: JobCreate, trials: list[FrozenTrial]) -> tuple[Progress, BestTrial | None]:
     """Progress (trial counts by state, gradient evaluations spent) and the best trial so far.
 

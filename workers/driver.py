@@ -2,7 +2,9 @@
 
     python -m workers.driver --storage URL --study NAME --artifacts-dir DIR
 
-The job spec is read from the study's user attributes, where the service put it. SIGTERM (what Ray sends when
+The job spec is read from the study's user attributes, where the service put it. The baselines the job asked
+for (each its own study, named in the main study's ``baselines`` attribute) are searched after the main study,
+with the same budget. SIGTERM (what Ray sends when
 the job is stopped) cancels the search: running trials are stopped and told FAIL, and the study's ``outcome``
 says CANCELLED. The exit status is 0 unless the job FAILED.
 """
@@ -56,6 +58,22 @@ def main(argv: list[str] | None = None) -> int:
         should_stop=stop.is_set,
     )
     outcome = loop.run()
+    for optimizer, name in study.user_attrs.get("baselines", {}).items():
+        if outcome.state == "CANCELLED":
+            break
+        baseline = optuna.load_study(study_name=name, storage=storage).user_attrs["spec"]
+        baseline_study = optuna.load_study(
+            study_name=name, storage=storage, sampler=make_sampler(baseline), pruner=make_pruner(baseline)
+        )
+        ended = StudyLoop(
+            baseline_study,
+            baseline,
+            RayExecutor(resources["cpus"], resources["gpus"]),
+            artifacts_dir=args.artifacts_dir / optimizer,
+            should_stop=stop.is_set,
+        ).run()
+        if ended.state == "CANCELLED":
+            outcome = ended
     study.set_user_attr("outcome", {"state": outcome.state, "reason": outcome.reason})
     logging.getLogger(__name__).info(
         "job ended %s%s", outcome.state, f": {outcome.reason}" if outcome.reason else ""

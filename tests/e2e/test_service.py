@@ -222,3 +222,22 @@ def test_pruning_prunes_with_a_pruner_and_not_without(embedded_server):
             assert job["progress"]["trials_pruned"] == states[pruner].count(TrialState.PRUNED)
     assert TrialState.PRUNED in states["median"]
     assert TrialState.PRUNED not in states["none"]
+
+
+def test_baselines_are_searched_with_the_same_budget_and_summarised(embedded_server):
+    with embedded_server.client() as client:
+        job = submit(client, baselines=["sgd", "adam"], pruner={"name": "none"})
+        job = wait_for(client, job["id"], {"SUCCEEDED", "FAILED", "CANCELLED"})
+    assert job["state"] == "SUCCEEDED", job
+    storage, study = load_study(embedded_server, job)
+    spent = sum(t.user_attrs["gradient_evaluations"] for t in study.trials)
+    for baseline in job["progress"]["baselines"]:
+        searched = optuna.load_study(study_name=baseline["study_name"], storage=storage)
+        assert baseline["study_name"] == f"{job['study_name']}.{baseline['optimizer']}"
+        assert searched.user_attrs["spec"]["optimizer"] == baseline["optimizer"]
+        assert [t.state for t in searched.trials] == [TrialState.COMPLETE] * 4
+        assert set(searched.best_params) == {"lr"}
+        assert baseline["best_trial"]["values"] == [searched.best_value]
+        spent += sum(t.user_attrs["gradient_evaluations"] for t in searched.trials)
+    assert [b["optimizer"] for b in job["progress"]["baselines"]] == ["sgd", "adam"]
+    assert job["progress"]["gradient_evaluations"] == spent

@@ -73,6 +73,23 @@ BAD_SPECS = [
     pytest.param({"dataset": "mnist1d"}, ["name"], ["Field required"], id="missing-name"),
     pytest.param([1, 2], ["body"], ["valid dictionary"], id="not-an-object"),
     pytest.param({"name": "x", "optimizer": []}, ["optimizer"], ["entropy_sgd"], id="optimizer-not-a-string"),
+    pytest.param(
+        {"name": "x", "baselines": ["rmsprop"]}, ["baselines", 0], ["sgd", "adam"], id="unknown-baseline"
+    ),
+    pytest.param(
+        {"name": "x", "baselines": ["sgd", "sgd"]}, ["baselines"], ["distinct"], id="repeated-baseline"
+    ),
+    pytest.param(
+        {
+            "name": "x",
+            "sampler": {"name": "grid"},
+            "search_space": {"lr": {"type": "categorical", "choices": [0.1, 1.0]}},
+            "baselines": ["adam"],
+        },
+        ["baselines"],
+        ["grid cannot"],
+        id="baseline-on-a-grid",
+    ),
 ]
 
 

@@ -49,7 +49,41 @@ def test_progress_counts_states_and_sums_gradient_evaluations(study_storage):
         "trials_pruned": 1,
         "trials_failed": 1,
         "gradient_evaluations": 3500,
+        "baselines": [],
     }
+
+
+def test_each_baseline_gets_its_own_study_searching_its_learning_rate_with_the_same_budget(study_storage):
+    spec, study = make_study(
+        study_storage, "base", dataset="digits", model={"name": "lenet"}, baselines=["sgd", "adam"]
+    )
+    assert study.user_attrs["baselines"] == {"sgd": "job-base.sgd", "adam": "job-base.adam"}
+    for optimizer in ("sgd", "adam"):
+        baseline = JobCreate.model_validate(
+            optuna.load_study(study_name=f"job-base.{optimizer}", storage=study_storage).user_attrs["spec"]
+        )
+        assert baseline.optimizer == optimizer and baseline.baselines == []
+        assert baseline.search_space == JobCreate(name="b", optimizer=optimizer).search_space
+        assert (baseline.dataset, baseline.model, baseline.budget) == (spec.dataset, spec.model, spec.budget)
+    studies.delete_study(study_storage, study.study_name)
+    assert not any(s.study_name.startswith("job-base") for s in optuna.get_all_study_summaries(study_storage))
+
+
+def test_the_job_summary_includes_each_baseline(study_storage):
+    spec, study = make_study(study_storage, "summary", budget={"trials": 3}, baselines=["sgd"])
+    finish(study, 0.5, grads=100)
+    sgd = optuna.load_study(study_name="job-summary.sgd", storage=study_storage)
+    finish(sgd, 0.6, grads=10, test_accuracy=0.55)
+    finish(sgd, 0.4, grads=10)
+    progress, best = studies.summarise_job(study_storage, study.study_name, spec)
+    assert (progress.trials_finished, progress.gradient_evaluations, best.values) == (1, 120, [0.5])
+    [baseline] = progress.baselines
+    assert (baseline.optimizer, baseline.study_name, baseline.trials_finished) == (
+        "sgd",
+        "job-summary.sgd",
+        2,
+    )
+    assert (baseline.best_trial.values, baseline.best_trial.test_accuracy) == ([0.6], 0.55)
 
 
 @pytest.mark.parametrize(("metric", "best_value"), [("val_accuracy", 0.9), ("val_loss", 0.2)])
