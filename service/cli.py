@@ -345,7 +345,8 @@ def serve(
             ray_address = local.start()
         console.print(f"local Ray started: Jobs API at {ray_address}")
     try:
-        settings = Settings(data_dir=data_dir, ray_address=ray_address, public_url=f"http://{host}:{port}")
+        public_url = os.environ.get("ESGD_PUBLIC_URL", f"http://{host}:{port}")
+        settings = Settings(data_dir=data_dir, ray_address=ray_address, public_url=public_url)
         console.print(f"API at http://{host}:{port}/docs, dashboard at http://{host}:{port}/dashboard/")
         uvicorn.run(build_app(settings), host=host, port=port, log_level="info", access_log=access_log)
     finally:
@@ -355,6 +356,42 @@ def serve(
 
 def _unwind(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)
+
+
+@app.command()
+def migrate() -> None:
+    """Create or upgrade both databases (ESGD_DATABASE_URL, ESGD_OPTUNA_STORAGE_URL), then exit.
+
+    A deployment runs this once before the API; the API also migrates at start-up, so it is optional.
+    """
+    from service.config import Settings
+    from service.db import migrate as migrate_service_database
+    from service.studies import close_storage, open_storage
+
+    settings = Settings()
+    migrate_service_database(settings.resolved_database_url())
+    console.print("service database at the latest revision")
+    storage = open_storage(settings.resolved_optuna_storage_url())  # creates Optuna's tables if missing
+    try:
+        storage.upgrade()  # a database from an older Optuna release
+        console.print(f"study database at Optuna's revision {storage.get_current_version()}")
+    finally:
+        close_storage(storage)
+
+
+@app.command()
+def dashboard(
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8080,
+) -> None:
+    """optuna-dashboard on its own, read-only, on the study database (ESGD_OPTUNA_STORAGE_URL)."""
+    import uvicorn
+
+    from service.api.dashboard import standalone_app
+    from service.config import Settings
+
+    console.print(f"dashboard at http://{host}:{port}/dashboard/")
+    uvicorn.run(standalone_app(Settings().resolved_optuna_storage_url()), host=host, port=port)
 
 
 @app.command()

@@ -13,6 +13,7 @@ import hashlib
 import json
 import secrets
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from optuna.storages import RDBStorage
@@ -233,6 +234,40 @@ def active_jobs(session: Session) -> list[Job]:
     """Jobs whose driver should be alive: RUNNING or CANCELLING, oldest first."""
     query = select(Job).where(Job.state.in_([s.value for s in ACTIVE_STATES])).order_by(Job.seq)
     return list(session.scalars(query))
+
+
+@dataclass
+class Totals:
+    """Figures over every job, for ``/metrics``: trials count each job's baselines' too."""
+
+    jobs: dict[JobState, int]
+    trials: dict[str, int]
+    gradient_evaluations: int
+    trial_seconds: float
+    trials_finished: int
+    queue_seconds: list[float]
+    """How long each started job waited in QUEUED."""
+
+
+def totals(session: Session) -> Totals:
+    """One pass over the jobs' rows (their progress is kept current by the reconciler)."""
+    result = Totals(count_by_state(session), dict.fromkeys(TRIAL_STATES, 0), 0, 0.0, 0, [])
+    rows = session.execute(select(Job.progress, Job.created_at, Job.started_at))
+    for progress, created_at, started_at in rows:
+        if started_at is not None:
+            result.queue_seconds.append((started_at - created_at).total_seconds())
+        if not progress:
+            continue
+        for part in [progress, *(baseline["progress"] for baseline in progress.get("baselines", []))]:
+            for state in TRIAL_STATES:
+                result.trials[state] += part.get(f"trials_{state}", 0)
+            result.trials_finished += part.get("trials_finished", 0)
+            result.gradient_evaluations += part.get("gradient_evaluations", 0)
+            result.trial_seconds += part.get("trial_seconds", 0.0)
+    return result
+
+
+TRIAL_STATES = ("running", "complete", "pruned", "failed")
 
 
 def count_by_state(session: Session) -> dict[JobState, int]:

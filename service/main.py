@@ -14,6 +14,7 @@ from typing import Any
 
 from anyio import to_thread
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from service.api import body, dashboard, errors, metrics, routers
 from service.api.health import RayPing
@@ -65,7 +66,8 @@ def create_app(
     refuse a new job's spec with :class:`service.jobs.SpecRejected`, a 422, before anything is stored).
     """
     settings = settings or get_settings()
-    app = FastAPI(
+    # The docs pages' JavaScript and CSS come from the package, not a CDN: deployments are often offline.
+    app = FastAPIOffline(
         title="Entropy-SGD as a service",
         version="0.1.0",
         description="Hyperparameter searches of Entropy-SGD (and baselines) as Optuna studies on Ray.",

@@ -426,15 +426,6 @@ class BestTrial(BaseModel):
     test_accuracy: float | None = None
 
 
-class BaselineSummary(BaseModel):
-    """A baseline optimizer's own search, with the job's budget, in the study ``study_name``."""
-
-    optimizer: str
-    study_name: str
-    trials_finished: int = 0
-    best_trial: BestTrial | None = None
-
-
 class Progress(BaseModel):
     trials_planned: int
     trials_finished: int = 0
@@ -443,7 +434,19 @@ class Progress(BaseModel):
     trials_pruned: int = 0
     trials_failed: int = 0
     gradient_evaluations: int = 0
+    trial_seconds: float = 0.0
+    """Wall-clock seconds of the finished trials, start to finish, summed."""
     baselines: list[BaselineSummary] = []
+    """Each baseline's search (their trials are not counted above)."""
+
+
+class BaselineSummary(BaseModel):
+    """A baseline optimizer's own search, with the job's budget, in the study ``study_name``."""
+
+    optimizer: str
+    study_name: str
+    progress: Progress
+    best_trial: BestTrial | None = None
 
 
 class JobPublic(BaseModel):

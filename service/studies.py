@@ -165,13 +165,9 @@ def summarise_job(storage: RDBStorage, study_name: str, spec: JobCreate) -> tupl
         baseline_progress, baseline_best = summarise(spec.baseline(optimizer), trials(storage, name))
         progress.baselines.append(
             BaselineSummary(
-                optimizer=optimizer,
-                study_name=name,
-                trials_finished=baseline_progress.trials_finished,
-                best_trial=baseline_best,
+                optimizer=optimizer, study_name=name, progress=baseline_progress, best_trial=baseline_best
             )
         )
-        progress.gradient_evaluations += baseline_progress.gradient_evaluations
     return progress, best
 
 
@@ -194,6 +190,11 @@ def summarise(spec: JobCreate, trials: list[FrozenTrial]) -> tuple[Progress, Bes
         trials_pruned=counts[TrialState.PRUNED],
         trials_failed=counts[TrialState.FAIL],
         gradient_evaluations=sum(_int_attr(t, GRADIENT_EVALUATIONS_ATTR) or 0 for t in trials),
+        trial_seconds=sum(
+            (t.datetime_complete - t.datetime_start).total_seconds()
+            for t in trials
+            if t.state.is_finished() and t.datetime_start and t.datetime_complete
+        ),
     )
     directions = [
         StudyDirection.MAXIMIZE if o.direction == "maximize" else StudyDirection.MINIMIZE

@@ -151,3 +151,27 @@ def asgi_app(study_storage: StudyStorage) -> Any:
         from starlette.middleware.wsgi import WSGIMiddleware
 
     return WSGIMiddleware(DashboardApp(study_storage))
+
+
+def standalone_app(storage_url: str) -> Any:
+    """The dashboard alone (``esgd dashboard``): mounted at :data:`MOUNT_PATH`, the root redirecting there."""
+    from contextlib import asynccontextmanager
+
+    from starlette.applications import Starlette
+    from starlette.responses import RedirectResponse
+    from starlette.routing import Mount, Route
+
+    study_storage = StudyStorage(storage_url)
+
+    @asynccontextmanager
+    async def lifespan(_app: Starlette) -> Any:
+        yield
+        study_storage.close()
+
+    return Starlette(
+        routes=[
+            Route("/", lambda _request: RedirectResponse(MOUNT_PATH + "/")),
+            Mount(MOUNT_PATH, asgi_app(study_storage)),
+        ],
+        lifespan=lifespan,
+    )

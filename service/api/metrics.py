@@ -1,11 +1,12 @@
-"""Prometheus metrics: request latency by route template and status, and jobs by state, at ``/metrics``.
+"""Prometheus metrics at ``/metrics``: request latency by route template and status; jobs and trials by state,
+trial duration, time in queue and gradient evaluations spent, read from the database at scrape time.
 
-Each app has its own registry (several apps in one process, as in tests, never collide). Jobs by state are
-counted from the database at scrape time, so the number is right whatever process changed the jobs.
+Each app has its own registry (several apps in one process, as in tests, never collide).
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -13,7 +14,13 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -25,26 +32,58 @@ logger = logging.getLogger(__name__)
 router = APIRouter(tags=["operations"])
 
 
-class JobsByState(Collector):
-    """``esgd_jobs{state=...}``: how many jobs are in each state, read from the database when scraped."""
+QUEUE_BUCKETS_S = (1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0)
+
+
+class ServiceFigures(Collector):
+    """Jobs and trials, read from the service database when scraped.
+
+    The reconciler keeps every job's progress current, so one pass over the jobs' rows gives figures that are
+    right whatever process changed the jobs, and survive restarts of the API.
+    """
 
     def __init__(self, database: Callable[[], Database | None]) -> None:
         self._database = database
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
         database = self._database()
         if database is None:
             return
         try:
             with database.session() as session:
-                counts = jobs.count_by_state(session)
+                totals = jobs.totals(session)
         except Exception as error:  # a scrape must not fail because the database is down
-            logger.warning("cannot count jobs for /metrics: %s", error)
+            logger.warning("cannot read the jobs for /metrics: %s", error)
             return
-        family = GaugeMetricFamily("esgd_jobs", "Jobs by state", labels=["state"])
-        for state, count in counts.items():
-            family.add_metric([state.value], count)
-        yield family
+        by_job_state = GaugeMetricFamily("esgd_jobs", "Jobs by state", labels=["state"])
+        for state, count in totals.jobs.items():
+            by_job_state.add_metric([state.value], count)
+        yield by_job_state
+        by_trial_state = GaugeMetricFamily(
+            "esgd_trials", "Trials by state, baselines' included", labels=["state"]
+        )
+        for state, count in totals.trials.items():
+            by_trial_state.add_metric([state], count)
+        yield by_trial_state
+        yield SummaryMetricFamily(
+            "esgd_trial_duration_seconds",
+            "Wall-clock time of finished trials, start to finish",
+            count_value=totals.trials_finished,
+            sum_value=totals.trial_seconds,
+        )
+        yield CounterMetricFamily(
+            "esgd_gradient_evaluations",
+            "Gradient evaluations (minibatch gradients) spent by all trials",
+            value=totals.gradient_evaluations,
+        )
+        waits = sorted(totals.queue_seconds)
+        buckets = [(str(bound), bisect.bisect_right(waits, bound)) for bound in QUEUE_BUCKETS_S]
+        yield HistogramMetricFamily(
+            "esgd_job_queue_seconds",
+            "Time each started job waited in QUEUED",
+            buckets=[*buckets, ("+Inf", len(waits))],
+            sum_value=sum(waits),
+        )
 
 
 class Metrics:
@@ -58,7 +97,7 @@ class Metrics:
             labelnames=["method", "route", "status"],
             registry=self.registry,
         )
-        self.registry.register(JobsByState(database))
+        self.registry.register(ServiceFigures(database))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

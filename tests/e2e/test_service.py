@@ -230,7 +230,9 @@ def test_baselines_are_searched_with_the_same_budget_and_summarised(embedded_ser
         job = wait_for(client, job["id"], {"SUCCEEDED", "FAILED", "CANCELLED"})
     assert job["state"] == "SUCCEEDED", job
     storage, study = load_study(embedded_server, job)
-    spent = sum(t.user_attrs["gradient_evaluations"] for t in study.trials)
+    assert job["progress"]["gradient_evaluations"] == sum(
+        t.user_attrs["gradient_evaluations"] for t in study.trials
+    )
     for baseline in job["progress"]["baselines"]:
         searched = optuna.load_study(study_name=baseline["study_name"], storage=storage)
         assert baseline["study_name"] == f"{job['study_name']}.{baseline['optimizer']}"
@@ -238,6 +240,7 @@ def test_baselines_are_searched_with_the_same_budget_and_summarised(embedded_ser
         assert [t.state for t in searched.trials] == [TrialState.COMPLETE] * 4
         assert set(searched.best_params) == {"lr"}
         assert baseline["best_trial"]["values"] == [searched.best_value]
-        spent += sum(t.user_attrs["gradient_evaluations"] for t in searched.trials)
+        spent = sum(t.user_attrs["gradient_evaluations"] for t in searched.trials)
+        assert baseline["progress"]["gradient_evaluations"] == spent
+        assert baseline["progress"]["trials_finished"] == 4
     assert [b["optimizer"] for b in job["progress"]["baselines"]] == ["sgd", "adam"]
-    assert job["progress"]["gradient_evaluations"] == spent

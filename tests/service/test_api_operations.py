@@ -3,15 +3,74 @@
 from __future__ import annotations
 
 import warnings
+from datetime import timedelta
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import select
 
 from service.config import Settings
 from service.main import create_app
+from service.tables import Job
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     from fastapi.testclient import TestClient
+
+
+def test_metrics_sum_trials_time_and_gradient_evaluations_over_jobs_and_their_baselines(client, session):
+    first, second, queued = (client.post("/v1/jobs", json={"name": n}).json()["id"] for n in "abc")
+    baseline = {
+        "optimizer": "sgd",
+        "study_name": "s.sgd",
+        "progress": {
+            "trials_planned": 2,
+            "trials_finished": 2,
+            "trials_complete": 1,
+            "trials_failed": 1,
+            "gradient_evaluations": 40,
+            "trial_seconds": 1.5,
+        },
+    }
+    figures = {
+        first: (
+            {
+                "trials_finished": 3,
+                "trials_running": 1,
+                "trials_complete": 2,
+                "trials_pruned": 1,
+                "gradient_evaluations": 1000,
+                "trial_seconds": 12.0,
+                "baselines": [baseline],
+            },
+            3.0,
+        ),
+        second: (
+            {"trials_finished": 1, "trials_complete": 1, "gradient_evaluations": 200, "trial_seconds": 4.5},
+            90.0,
+        ),
+    }
+    for job_id, (progress, waited_s) in figures.items():
+        job = session.scalars(select(Job).where(Job.id == job_id)).one()
+        job.progress = {"trials_planned": 4, **progress}
+        job.started_at = job.created_at + timedelta(seconds=waited_s)
+    session.commit()
+
+    families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples
+    }
+    trials = {s.labels["state"]: s.value for s in families["esgd_trials"].samples}
+    assert trials == {"running": 1, "complete": 4, "pruned": 1, "failed": 1}
+    assert samples[("esgd_trial_duration_seconds_count", ())] == 6
+    assert samples[("esgd_trial_duration_seconds_sum", ())] == 18.0
+    assert samples[("esgd_gradient_evaluations_total", ())] == 1240
+    assert samples[("esgd_job_queue_seconds_count", ())] == 2  # the queued job has not started
+    assert samples[("esgd_job_queue_seconds_bucket", (("le", "5.0"),))] == 1
+    assert samples[("esgd_job_queue_seconds_bucket", (("le", "60.0"),))] == 1
+    assert samples[("esgd_job_queue_seconds_bucket", (("le", "300.0"),))] == 2
+    assert abs(samples[("esgd_job_queue_seconds_sum", ())] - 93.0) < 1e-6
+    assert queued
 
 
 def test_healthz(client):
