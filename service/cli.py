@@ -345,8 +345,7 @@ def serve(
             ray_address = local.start()
         console.print(f"local Ray started: Jobs API at {ray_address}")
     try:
-        public_url = os.environ.get("ESGD_PUBLIC_URL", f"http://{host}:{port}")
-        settings = Settings(data_dir=data_dir, ray_address=ray_address, public_url=public_url)
+        settings = Settings(data_dir=data_dir, ray_address=ray_address)
         console.print(f"API at http://{host}:{port}/docs, dashboard at http://{host}:{port}/dashboard/")
         uvicorn.run(build_app(settings), host=host, port=port, log_level="info", access_log=access_log)
     finally:

@@ -33,7 +33,6 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1_048_576, ge=1)
     max_driver_restarts: int = Field(default=1, ge=0)
     reconcile_interval_s: float = Field(default=1.0, gt=0)
-    public_url: str = "http://127.0.0.1:8000"
     driver_python: str | None = None
     """The Python that runs job drivers on the Ray nodes; default: the API's own interpreter."""
 

@@ -40,6 +40,7 @@ class LocalRay:
             "--dashboard-agent-grpc-port": free_port(),
             "--metrics-export-port": free_port(),
             "--runtime-env-agent-port": free_port(),
+            "--ray-client-server-port": free_port(),
             "--node-manager-port": free_port(),
             "--object-manager-port": free_port(),
         }

@@ -45,21 +45,28 @@ def build_app(settings: Settings | None = None) -> FastAPI:
 
     def fits_cluster(spec: JobCreate) -> None:
         """Refuse what the cluster can never run: a trial larger than any node, or too many at once."""
-        cluster = dispatcher.cluster_resources()
-        errors = []
-        for kind, field in (("CPU", "cpus"), ("GPU", "gpus")):
-            need = getattr(spec.resources, field)
-            if need > cluster[f"max_node_{kind}"]:
-                most = cluster[f"max_node_{kind}"]
-                errors.append(
-                    (["resources", field], f"a trial needs {need:g} {kind}s; the largest node has {most:g}")
-                )
-            elif need > 0 and spec.parallelism * need > cluster[kind]:
-                message = f"{spec.parallelism} trials of {need:g} {kind}s need {spec.parallelism * need:g}"
-                errors.append((["parallelism"], f"{message}; the cluster has {cluster[kind]:g}"))
+        errors = misfits(spec, dispatcher.cluster_resources())
+        if errors:  # nodes may have joined since (workers start after the API): refuse on fresh figures only
+            errors = misfits(spec, dispatcher.cluster_resources(max_age_s=0))
         if errors:
             raise SpecRejected(*errors)
 
     app = create_app(settings, background=[reconciler], ray_ping=dispatcher.ping, spec_checks=[fits_cluster])
     app.state.dispatcher = dispatcher
     return app
+
+
+def misfits(spec: JobCreate, cluster: dict[str, float]) -> list[tuple[list[str], str]]:
+    """What in ``spec`` the cluster (``RayDispatcher.cluster_resources``) cannot run, as field errors."""
+    errors = []
+    for kind, field in (("CPU", "cpus"), ("GPU", "gpus")):
+        need = getattr(spec.resources, field)
+        if need > cluster[f"max_node_{kind}"]:
+            most = cluster[f"max_node_{kind}"]
+            errors.append(
+                (["resources", field], f"a trial needs {need:g} {kind}s; the largest node has {most:g}")
+            )
+        elif need > 0 and spec.parallelism * need > cluster[kind]:
+            message = f"{spec.parallelism} trials of {need:g} {kind}s need {spec.parallelism * need:g}"
+            errors.append((["parallelism"], f"{message}; the cluster has {cluster[kind]:g}"))
+    return errors

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pytest
@@ -41,20 +42,33 @@ def _with_database(admin: URL, name: str) -> str:
     return admin.set(database=name).render_as_string(hide_password=False)
 
 
+@contextmanager
+def fresh_databases(admin_url: str, *kinds: str) -> Iterator[dict[str, str]]:
+    """New, empty databases on the server of ``admin_url``, one per kind (kind → URL), dropped afterwards."""
+    admin = make_url(admin_url)
+    engine = create_engine(admin, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5})
+    names = {kind: f"esgd_test_{secrets.token_hex(4)}_{kind}" for kind in kinds}
+    try:
+        with engine.connect() as connection:
+            for name in names.values():
+                connection.execute(text(f'CREATE DATABASE "{name}"'))
+        yield {kind: _with_database(admin, name) for kind, name in names.items()}
+    finally:
+        with engine.connect() as connection:
+            for name in names.values():
+                connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        engine.dispose()
+
+
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[PostgresDatabases]:
     """Two fresh PostgreSQL databases for this test session, dropped afterwards."""
     admin_url = postgres_admin_url()
-    engine = create_engine(admin_url, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5})
-    unreachable: Exception | None = None
+    engine = create_engine(admin_url, connect_args={"connect_timeout": 5})
     try:
         with engine.connect() as connection:
             connection.execute(text("SELECT 1"))
     except Exception as error:
-        unreachable = error
-    if unreachable is not None:
-        engine.dispose()
-        error = unreachable
         first_line = (str(error).strip().splitlines() or [""])[0]
         message = (
             f"PostgreSQL is not reachable at {make_url(admin_url).render_as_string()} "
@@ -64,16 +78,7 @@ def postgres() -> Iterator[PostgresDatabases]:
         if os.environ.get("ESGD_TEST_SKIP_POSTGRES") == "1":
             pytest.skip(f"ESGD_TEST_SKIP_POSTGRES=1: {message}")
         pytest.fail(message, pytrace=False)
-    prefix = f"esgd_test_{os.getpid()}_{secrets.token_hex(3)}"
-    names = (f"{prefix}_service", f"{prefix}_optuna")
-    with engine.connect() as connection:
-        for name in names:
-            connection.execute(text(f'CREATE DATABASE "{name}"'))
-    admin = make_url(admin_url)
-    try:
-        yield PostgresDatabases(admin_url, _with_database(admin, names[0]), _with_database(admin, names[1]))
     finally:
-        with engine.connect() as connection:
-            for name in names:
-                connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         engine.dispose()
+    with fresh_databases(admin_url, "service", "optuna") as urls:
+        yield PostgresDatabases(admin_url, urls["service"], urls["optuna"])

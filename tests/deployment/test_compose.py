@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from tests.deployment.conftest import ROOT, SECRETS, compose
+from tests.deployment.conftest import ROOT, SECRETS, compose, resolved
 
 PUBLISHED = {"api": 8000, "dashboard": 8080, "prometheus": 9090, "grafana": 3000}
 """The only services that publish a port, and the port each publishes."""
@@ -51,11 +51,12 @@ def test_only_the_user_facing_services_publish_ports_and_on_loopback_by_default(
             assert re.fullmatch(rf"127\.0\.0\.1:\d+:{PUBLISHED[name]}(/tcp)?", str(port)), port
 
 
-def test_the_bind_address_and_ports_come_from_the_environment():
-    config = yaml.safe_load(
-        compose("docker-compose.yml", env={**SECRETS, "ESGD_BIND": "0.0.0.0", "ESGD_API_PORT": "9000"}).stdout
-    )
+def test_the_bind_address_ports_and_cpu_workers_come_from_the_environment():
+    config = resolved("docker-compose.yml", ESGD_BIND="0.0.0.0", ESGD_API_PORT="9000")
     assert config["services"]["api"]["ports"] == ["0.0.0.0:9000:8000/tcp"]
+    config = resolved("docker-compose.yml", "docker-compose.cpu.yml", RAY_WORKERS="3", RAY_WORKER_CPUS="4")
+    assert config["services"]["ray-cpu-worker"]["deploy"]["replicas"] == 3
+    assert config["services"]["ray-cpu-worker"]["deploy"]["resources"]["limits"]["cpus"] == 4
 
 
 def test_gpu_workers_reserve_gpus_and_the_cpu_override_replaces_them(gpu_config, cpu_config):
@@ -64,7 +65,8 @@ def test_gpu_workers_reserve_gpus_and_the_cpu_override_replaces_them(gpu_config,
     assert "gpu" in str(gpu_config["services"]["ray-worker"]["build"]["args"]["TORCH_VARIANT"])
     assert cpu_config["services"]["ray-worker"]["deploy"]["replicas"] == 0
     cpu_worker = cpu_config["services"]["ray-cpu-worker"]
-    assert "resources" not in cpu_worker.get("deploy", {})
+    assert "reservations" not in cpu_worker["deploy"]["resources"]
+    assert cpu_worker["deploy"]["resources"]["limits"]["cpus"] == 2  # Ray counts the limit, not the host
     assert cpu_worker["build"]["args"]["TORCH_VARIANT"] == "cpu"
     assert cpu_worker["command"] == gpu_config["services"]["ray-worker"]["command"]
     assert cpu_worker["environment"] == gpu_config["services"]["ray-worker"]["environment"]

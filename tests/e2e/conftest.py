@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import os
-import secrets
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy import create_engine, make_url, text
 
 from service.local_ray import LocalRay, free_port
+from tests.conftest import fresh_databases
 
 
 @pytest.fixture(scope="session")
@@ -76,25 +76,6 @@ class Server:
         return httpx.Client(base_url=self.url, timeout=30)
 
 
-def _fresh_postgres_pair(admin_url: str) -> tuple[str, str, Callable[[], None]]:
-    """Two new databases per API (service and Optuna), so each test starts empty."""
-    admin = make_url(admin_url)
-    engine = create_engine(admin, isolation_level="AUTOCOMMIT")
-    names = [f"esgd_e2e_{secrets.token_hex(4)}_{kind}" for kind in ("service", "optuna")]
-    with engine.connect() as connection:
-        for name in names:
-            connection.execute(text(f'CREATE DATABASE "{name}"'))
-
-    def drop() -> None:
-        with engine.connect() as connection:
-            for name in names:
-                connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        engine.dispose()
-
-    urls = [admin.set(database=name).render_as_string(hide_password=False) for name in names]
-    return urls[0], urls[1], drop
-
-
 def _serve(request, ray_address: str, tmp_path: Path, backend: str) -> Iterator[Server]:
     env = {
         **os.environ,
@@ -103,18 +84,15 @@ def _serve(request, ray_address: str, tmp_path: Path, backend: str) -> Iterator[
         "ESGD_RECONCILE_INTERVAL_S": "0.5",
         "ESGD_MAX_RUNNING_JOBS": "2",
     }
-    drop = None
-    if backend == "postgresql":
-        admin_url = request.getfixturevalue("postgres").admin_url  # fails loudly when PostgreSQL is down
-        env["ESGD_DATABASE_URL"], env["ESGD_OPTUNA_STORAGE_URL"], drop = _fresh_postgres_pair(admin_url)
-    server = Server(env, tmp_path / "api.log")
-    server.start()
-    try:
+    with ExitStack() as cleanup:
+        if backend == "postgresql":
+            admin_url = request.getfixturevalue("postgres").admin_url  # fails loudly when PostgreSQL is down
+            urls = cleanup.enter_context(fresh_databases(admin_url, "service", "optuna"))
+            env["ESGD_DATABASE_URL"], env["ESGD_OPTUNA_STORAGE_URL"] = urls["service"], urls["optuna"]
+        server = Server(env, tmp_path / "api.log")
+        cleanup.callback(server.stop)
+        server.start()
         yield server
-    finally:
-        server.stop()
-        if drop is not None:
-            drop()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
