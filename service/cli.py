@@ -378,19 +378,101 @@ def migrate() -> None:
         close_storage(storage)
 
 
+# ------------------------------------------------------------------------------------------ API keys
+keys_app = typer.Typer(
+    no_args_is_help=True,
+    help="API keys, in the service database (ESGD_DATABASE_URL, or SQLite under ESGD_DATA_DIR).",
+)
+app.add_typer(keys_app, name="keys")
+
+
+def _service_database() -> Any:
+    from service.config import Settings
+    from service.db import Database, migrate
+
+    url = Settings().resolved_database_url()
+    migrate(url)  # a fresh deployment's first key may come before the API's first start
+    return Database(url)
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Argument(help="who or what the key is for")],
+    admin: Annotated[bool, typer.Option(help="may see every job and the dashboard")] = False,
+) -> None:
+    """Create a key and print its secret, once: only its hash is stored."""
+    from service import keys
+
+    if not 1 <= len(name) <= 128:
+        raise typer.BadParameter("a key's name has 1 to 128 characters", param_hint="NAME")
+    database = _service_database()
+    try:
+        with database.session() as session:
+            key, secret = keys.create_key(session, name, admin=admin)
+    finally:
+        database.dispose()
+    console.print(f"created {'admin ' if key.admin else ''}key [bold]{key.id}[/bold] ({key.name})")
+    console.print("its secret, shown this once (send it as 'Authorization: Bearer <secret>'):")
+    print(secret)
+
+
+@keys_app.command("list")
+def keys_list() -> None:
+    """The keys, with their ids, names, roles and whether they are revoked (never their secrets)."""
+    from service import keys
+
+    database = _service_database()
+    try:
+        with database.session() as session:
+            rows = keys.list_keys(session)
+    finally:
+        database.dispose()
+    table = Table(title="API keys")
+    for column in ("id", "name", "role", "created", "revoked"):
+        table.add_column(column)
+    for key in rows:
+        revoked = key.revoked_at.isoformat(timespec="seconds") if key.revoked_at else ""
+        table.add_row(
+            key.id,
+            key.name,
+            "admin" if key.admin else "user",
+            key.created_at.isoformat(timespec="seconds"),
+            revoked,
+        )
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: Annotated[str, typer.Argument(help="the key's id (key-...)")]) -> None:
+    """Revoke a key: requests with it are refused from now on; its jobs keep running."""
+    from service import keys
+
+    database = _service_database()
+    try:
+        with database.session() as session:
+            key = keys.revoke_key(session, key_id)
+    except keys.KeyNotFound:
+        console.print(f"[red]no key with id {key_id!r}[/red]")
+        raise typer.Exit(code=1) from None
+    finally:
+        database.dispose()
+    console.print(f"key {key.id} ({key.name}) revoked at {key.revoked_at.isoformat(timespec='seconds')}")
+
+
 @app.command()
 def dashboard(
     host: Annotated[str, typer.Option()] = "127.0.0.1",
     port: Annotated[int, typer.Option()] = 8080,
 ) -> None:
-    """optuna-dashboard on its own, read-only, on the study database (ESGD_OPTUNA_STORAGE_URL)."""
+    """optuna-dashboard on its own, read-only, on the study database (ESGD_OPTUNA_STORAGE_URL); API keys
+    are checked in the service database (ESGD_DATABASE_URL), as by the API."""
     import uvicorn
 
     from service.api.dashboard import standalone_app
     from service.config import Settings
 
     console.print(f"dashboard at http://{host}:{port}/dashboard/")
-    uvicorn.run(standalone_app(Settings().resolved_optuna_storage_url()), host=host, port=port)
+    uvicorn.run(standalone_app(Settings()), host=host, port=port)
 
 
 @app.command()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy import make_url
 
 
 class Settings(BaseSettings):
@@ -36,6 +37,16 @@ class Settings(BaseSettings):
     driver_python: str | None = None
     """The Python that runs job drivers on the Ray nodes; default: the API's own interpreter."""
 
+    require_api_keys: bool | None = None
+    """True: every ``/v1`` route and the dashboard need a key. None (default): required unless the service
+    database is the embedded SQLite. Either way, keys are required as soon as one exists."""
+    max_active_jobs_per_key: int = Field(default=8, ge=1)
+    """Jobs a (non-admin) key may have QUEUED, RUNNING or CANCELLING at once; more is a 429."""
+    max_trials_per_job: int = Field(default=10_000, ge=1)
+    max_parallelism: int = Field(default=64, ge=1)
+    max_search_dimensions: int = Field(default=16, ge=1)
+    """Searched knobs per job (fixed knobs do not count)."""
+
     @property
     def artifacts_dir(self) -> Path:
         """Where drivers leave each job's files (``{artifacts_dir}/{job_id}/best-model.pt``)."""
@@ -48,6 +59,11 @@ class Settings(BaseSettings):
     def resolved_optuna_storage_url(self) -> str:
         """The Optuna storage URL, defaulting to its own SQLite file under ``data_dir``."""
         return self.optuna_storage_url or f"sqlite:///{self.data_dir}/optuna.db"
+
+    def keys_required_by_settings(self) -> bool:
+        if self.require_api_keys is not None:
+            return self.require_api_keys
+        return make_url(self.resolved_database_url()).get_backend_name() != "sqlite"
 
     @model_validator(mode="after")
     def _absolute_and_apart(self) -> Settings:

@@ -201,20 +201,23 @@ def list_jobs(
     session: Session,
     *,
     state: JobState | None = None,
+    owner: str | None = None,
     page_size: int = 20,
     page_token: str | None = None,
 ) -> tuple[list[Job], str]:
     """One page of jobs, newest first, and the token of the next page ("" at the end).
 
     Keyset pagination on ``seq``: pages stay consistent while jobs are created, and the token is opaque
-    (urlsafe base64 of JSON) and bound to the filter it was issued for.
+    (urlsafe base64 of JSON) and bound to the filters it was issued for (``owner``: one key's jobs only).
     """
     if not 1 <= page_size <= MAX_PAGE_SIZE:
         raise ValueError(f"page_size must be between 1 and {MAX_PAGE_SIZE}")
-    filter_ = {"state": state.value if state else None}
+    filter_ = {"state": state.value if state else None, "owner": owner}
     query = select(Job).order_by(Job.seq.desc()).limit(page_size + 1)
     if state is not None:
         query = query.where(Job.state == state.value)
+    if owner is not None:
+        query = query.where(Job.owner == owner)
     if page_token:
         query = query.where(Job.seq < decode_page_token(page_token, filter_))
     rows = list(session.scalars(query))
@@ -222,6 +225,13 @@ def list_jobs(
         return rows, ""
     rows = rows[:page_size]
     return rows, encode_page_token(rows[-1].seq, filter_)
+
+
+def count_unfinished(session: Session, owner: str | None) -> int:
+    """How many of ``owner``'s jobs are QUEUED, RUNNING or CANCELLING."""
+    unfinished = [JobState.QUEUED.value, *(s.value for s in ACTIVE_STATES)]
+    query = select(func.count()).select_from(Job).where(Job.owner == owner, Job.state.in_(unfinished))
+    return session.scalar(query) or 0
 
 
 def queued_jobs(session: Session, limit: int | None = None) -> list[Job]:

@@ -16,11 +16,14 @@ from anyio import to_thread
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
+from service import keys
 from service.api import body, dashboard, errors, metrics, routers
+from service.api.auth import AdminOnly
 from service.api.health import RayPing
 from service.config import Settings, get_settings
 from service.db import Database, migrate
 from service.jobs import SpecCheck
+from service.limits import spec_limits
 from service.studies import StudyStorage
 
 logger = logging.getLogger(__name__)
@@ -37,6 +40,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     url = settings.resolved_database_url()
     await to_thread.run_sync(migrate, url)
     app.state.db = Database(url)
+    await to_thread.run_sync(_announce_access, app.state.db, settings)
     try:
         await to_thread.run_sync(app.state.optuna.get)
     except Exception as error:  # keep serving: /readyz reports it and the storage is retried on use
@@ -51,6 +55,17 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.db.dispose()
 
 
+def _announce_access(database: Database, settings: Settings) -> None:
+    with database.session() as session:
+        if keys.keys_required(session, settings):
+            logger.info("API keys are required on /v1 and the dashboard")
+            return
+    logger.warning(
+        "API KEYS ARE OFF: anyone who can reach this port can submit, read and cancel every job "
+        "(the embedded single-user mode). Create a key to require them: esgd keys create --admin NAME"
+    )
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -63,7 +78,8 @@ def create_app(
     ``app.state`` holds ``settings``, ``db`` (:class:`service.db.Database`, from start-up on), ``optuna``
     (:class:`service.studies.StudyStorage`), ``metrics``, ``background`` (hooks, appendable until start-up),
     ``ray_ping`` (an optional callable ``/readyz`` uses to check Ray) and ``spec_checks`` (callables that may
-    refuse a new job's spec with :class:`service.jobs.SpecRejected`, a 422, before anything is stored).
+    refuse a new job's spec with :class:`service.jobs.SpecRejected`, a 422, before anything is stored; the
+    deployment's limits are always checked first).
     """
     settings = settings or get_settings()
     # The docs pages' JavaScript and CSS come from the package, not a CDN: deployments are often offline.
@@ -78,7 +94,7 @@ def create_app(
     app.state.optuna = StudyStorage(settings.resolved_optuna_storage_url())
     app.state.background = list(background)
     app.state.ray_ping = ray_ping
-    app.state.spec_checks = list(spec_checks)
+    app.state.spec_checks = [spec_limits(settings), *spec_checks]
     app.state.metrics = metrics.Metrics(lambda: app.state.db)
 
     errors.install(app)
@@ -86,5 +102,6 @@ def create_app(
     app.add_middleware(metrics.MetricsMiddleware, metrics=app.state.metrics)  # outermost: times everything
     for router in routers():
         app.include_router(router)
-    app.mount(dashboard.MOUNT_PATH, dashboard.asgi_app(app.state.optuna), name="dashboard")
+    dashboard_app = AdminOnly(dashboard.asgi_app(app.state.optuna), lambda: app.state.db, settings)
+    app.mount(dashboard.MOUNT_PATH, dashboard_app, name="dashboard")
     return app

@@ -1,4 +1,4 @@
-"""The service's own tables: jobs and their state history (Optuna's tables live in another database).
+"""The service's own tables: jobs, their state history, API keys (Optuna's tables live in another database).
 
 The schema only changes through Alembic (``service/migrations``); a test checks these models and the
 migrations agree.
@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Integer, MetaData, String, Text, TypeDecorator
+from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Integer, MetaData, String, Text, TypeDecorator
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -80,7 +80,8 @@ class Job(Base):
     driver_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     progress: Mapped[dict[str, Any]] = mapped_column(JSONType)
     best_trial: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
-    owner: Mapped[str | None] = mapped_column(String(255))
+    owner: Mapped[str | None] = mapped_column(String(255), index=True)
+    """The id of the API key that submitted the job (None: submitted while keys were off)."""
 
     events: Mapped[list[JobEvent]] = relationship(
         back_populates="job", order_by="JobEvent.id", cascade="all, delete-orphan", passive_deletes=True
@@ -101,3 +102,20 @@ class JobEvent(Base):
     reason: Mapped[str | None] = mapped_column(Text)
 
     job: Mapped[Job] = relationship(back_populates="events")
+
+
+class ApiKey(Base):
+    """An API key: only the SHA-256 of its secret is kept (the secret is shown once, when it is created).
+
+    The secrets are 256 random bits, so a fast hash is enough: there is nothing to guess by brute force.
+    ``id`` is the public name (``key-<12 hex>``) that jobs record as their owner and ``esgd keys`` shows.
+    """
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    secret_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

@@ -26,6 +26,7 @@ import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from service.config import Settings
 from service.studies import StudyStorage
 
 logger = logging.getLogger(__name__)
@@ -153,25 +154,34 @@ def asgi_app(study_storage: StudyStorage) -> Any:
     return WSGIMiddleware(DashboardApp(study_storage))
 
 
-def standalone_app(storage_url: str) -> Any:
-    """The dashboard alone (``esgd dashboard``): mounted at :data:`MOUNT_PATH`, the root redirecting there."""
+def standalone_app(settings: Settings) -> Any:
+    """The dashboard alone (``esgd dashboard``): mounted at :data:`MOUNT_PATH`, the root redirecting there.
+
+    It reads the study database, and the service database for the API keys (an admin key is needed while
+    keys are required, as for the API's own mount).
+    """
     from contextlib import asynccontextmanager
 
     from starlette.applications import Starlette
     from starlette.responses import RedirectResponse
     from starlette.routing import Mount, Route
 
-    study_storage = StudyStorage(storage_url)
+    from service.api.auth import AdminOnly
+    from service.db import Database
+
+    study_storage = StudyStorage(settings.resolved_optuna_storage_url())
+    database = Database(settings.resolved_database_url())
 
     @asynccontextmanager
     async def lifespan(_app: Starlette) -> Any:
         yield
         study_storage.close()
+        database.dispose()
 
     return Starlette(
         routes=[
             Route("/", lambda _request: RedirectResponse(MOUNT_PATH + "/")),
-            Mount(MOUNT_PATH, asgi_app(study_storage)),
+            Mount(MOUNT_PATH, AdminOnly(asgi_app(study_storage), lambda: database, settings)),
         ],
         lifespan=lifespan,
     )

@@ -1,4 +1,5 @@
-"""FastAPI dependencies: settings, a database session, the Optuna storage and the job named in the path."""
+"""FastAPI dependencies: settings, a database session, the Optuna storage, the caller (its API key) and the
+job named in the path, which the caller must be allowed to see."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ from fastapi import Depends, Path, Request
 from optuna.storages import RDBStorage
 from sqlalchemy.orm import Session
 
-from service import jobs
+from service import jobs, keys
+from service.api.auth import presented_secret, unauthenticated
 from service.api.errors import ProblemError
 from service.config import Settings
 from service.db import Database
+from service.keys import Principal
 from service.studies import StudyStorage
 from service.tables import Job
 
@@ -55,9 +58,28 @@ StorageDep = Annotated[RDBStorage, Depends(get_storage)]
 JobId = Annotated[str, Path(description="The job's id, e.g. job-0123456789ab")]
 
 
-def get_job(job_id: JobId, session: SessionDep) -> Job:
-    """The job named in the path, or a 404 problem."""
-    return jobs.get_job(session, job_id)
+def get_principal(request: Request, session: SessionDep) -> Principal:
+    """The caller: its key's principal, or :data:`service.keys.ANONYMOUS` while keys are off."""
+    secret = presented_secret(request.headers.get("authorization"))
+    if secret is None:
+        if keys.keys_required(session, request.app.state.settings):
+            raise unauthenticated("An API key is required: send it as 'Authorization: Bearer <key>'")
+        return keys.ANONYMOUS
+    principal = keys.authenticate(session, secret)
+    if principal is None:
+        raise unauthenticated("The API key is unknown or has been revoked")
+    return principal
+
+
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
+
+
+def get_job(job_id: JobId, session: SessionDep, principal: PrincipalDep) -> Job:
+    """The job named in the path: a 404 problem if there is none, a 403 if it is another key's."""
+    job = jobs.get_job(session, job_id)
+    if not principal.may_access(job.owner):
+        raise ProblemError(403, f"job {job_id} belongs to another API key", slug="forbidden")
+    return job
 
 
 JobDep = Annotated[Job, Depends(get_job)]

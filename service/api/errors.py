@@ -224,9 +224,12 @@ def problem_doc(description: str) -> dict[str, Any]:
 
 PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: problem_doc("Malformed JSON or an invalid page token"),
+    401: problem_doc("No API key while keys are required, or an unknown or revoked key"),
+    403: problem_doc("The job belongs to another API key"),
     404: problem_doc("No such job, trial or file"),
     413: problem_doc("Request body too large"),
     415: problem_doc("The body is not JSON"),
     422: problem_doc("Invalid input; `errors` names each field"),
+    503: problem_doc("A database is unavailable; retry after `Retry-After` seconds"),
 }
 """For the OpenAPI document: what the routes' error bodies look like."""

@@ -10,8 +10,8 @@ from fastapi.responses import FileResponse
 
 from service import jobs
 from service.api.body import JSONBodyRoute
-from service.api.deps import JobDep, SessionDep, SettingsDep, StorageDep
-from service.api.errors import PROBLEM_RESPONSES, ProblemError
+from service.api.deps import JobDep, PrincipalDep, SessionDep, SettingsDep, StorageDep
+from service.api.errors import PROBLEM_RESPONSES, ProblemError, problem_doc
 from service.schemas import BestTrial, JobCreate, JobPage, JobPublic, JobState, Progress
 from service.tables import Job
 
@@ -54,7 +54,10 @@ def job_public(job: Job) -> JobPublic:
     status_code=202,
     response_model=JobPublic,
     summary="Submit a search job",
-    responses={422: PROBLEM_RESPONSES[422] | {"description": "Invalid spec, or Idempotency-Key reused"}},
+    responses={
+        422: PROBLEM_RESPONSES[422] | {"description": "Invalid spec, or Idempotency-Key reused"},
+        429: problem_doc("This API key has too many unfinished jobs"),
+    },
 )
 def submit_job(
     spec: JobCreate,
@@ -62,20 +65,33 @@ def submit_job(
     response: Response,
     session: SessionDep,
     storage: StorageDep,
+    principal: PrincipalDep,
+    settings: SettingsDep,
     idempotency_key: IdempotencyKey = None,
 ) -> JobPublic:
     """Store the job (QUEUED) with its Optuna study; 202 with ``Location``.
 
     The same ``Idempotency-Key`` with the same spec returns the same job (202 again); with a different spec
     it is a 422 problem naming the header (the IETF Idempotency-Key draft's answer to a reused key). A spec
-    this deployment cannot run (``app.state.spec_checks``, e.g. wider than the cluster) is a 422 too.
+    this deployment cannot run (``app.state.spec_checks``: its limits, the cluster's size) is a 422 too. A
+    key with ``max_active_jobs_per_key`` unfinished jobs gets a 429 until one of them ends.
     """
+    if not principal.admin:
+        unfinished = jobs.count_unfinished(session, principal.key_id)
+        if unfinished >= settings.max_active_jobs_per_key:
+            raise ProblemError(
+                429,
+                f"this API key has {unfinished} unfinished jobs, the most allowed at once "
+                "(ESGD_MAX_ACTIVE_JOBS_PER_KEY); submit again when one has ended",
+                slug="too-many-active-jobs",
+            )
     job, _created = jobs.create_job(
         session,
         storage,
         spec,
         idempotency_key=idempotency_key,
         request_hash=jobs.spec_hash(spec),
+        owner=principal.key_id,
         checks=request.app.state.spec_checks,
     )
     response.headers["Location"] = request.url_for("get_job", job_id=job.id).path
@@ -85,11 +101,16 @@ def submit_job(
 @router.get("", response_model=JobPage, summary="List jobs, newest first")
 def list_jobs(
     session: SessionDep,
+    principal: PrincipalDep,
     state: Annotated[JobState | None, Query(description="Only jobs in this state")] = None,
     page_size: Annotated[int, Query(ge=1, le=jobs.MAX_PAGE_SIZE)] = 20,
     page_token: Annotated[str | None, Query(description="next_page_token of the previous page")] = None,
 ) -> JobPage:
-    rows, token = jobs.list_jobs(session, state=state, page_size=page_size, page_token=page_token or None)
+    """An admin key (or anyone while keys are off) sees every job; another key its own."""
+    owner = None if principal.admin else principal.key_id
+    rows, token = jobs.list_jobs(
+        session, state=state, owner=owner, page_size=page_size, page_token=page_token or None
+    )
     return JobPage(items=[job_public(job) for job in rows], next_page_token=token)
 
 

@@ -150,9 +150,20 @@ SMALL_JOB = {
 
 
 @pytest.fixture(scope="session")
-def finished_job(compose_stack) -> dict[str, Any]:
+def admin_key(compose_stack) -> str:
+    """An admin key's secret: on PostgreSQL keys are required, so the operator creates one first, with
+    ``docker compose exec api esgd keys create --admin NAME`` (here: the same command, as the api runs it)."""
+    created = compose_stack.run("api", ["esgd", "keys", "create", "--admin", "operator"])
+    assert created.returncode == 0, created.stderr
+    return created.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="session")
+def finished_job(compose_stack, admin_key) -> dict[str, Any]:
     """:data:`SMALL_JOB` submitted to the stack's API and followed to a terminal state."""
-    with httpx.Client(base_url=compose_stack.url("api", 8000), timeout=30) as client:
+    headers = {"Authorization": f"Bearer {admin_key}"}
+    with httpx.Client(base_url=compose_stack.url("api", 8000), headers=headers, timeout=30) as client:
+        assert client.post("/v1/jobs", json=SMALL_JOB, headers={"Authorization": ""}).status_code == 401
         response = client.post("/v1/jobs", json=SMALL_JOB)
         assert response.status_code == 202, response.text
         job = response.json()

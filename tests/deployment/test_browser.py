@@ -28,7 +28,8 @@ ARTIFACTS = ROOT / "build" / "test-artifacts"
 
 
 @pytest.fixture(scope="module")
-def page() -> Iterator[Any]:
+def page(admin_key) -> Iterator[Any]:
+    """A browser page that answers the dashboard's password prompt with the admin key (HTTP Basic)."""
     if shutil.which(CHROMIUM) is None:
         pytest.fail("Chromium is not installed: apt-get install chromium (Debian's package)")
     from playwright.sync_api import sync_playwright
@@ -37,7 +38,8 @@ def page() -> Iterator[Any]:
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            credentials = {"username": "operator", "password": admin_key}
+            page = browser.new_page(viewport={"width": 1400, "height": 1000}, http_credentials=credentials)
             page.set_default_timeout(30_000)
             yield page
         finally:
@@ -57,14 +59,16 @@ def screenshot(screenshots) -> Callable[[Any, str], None]:
 
 @pytest.mark.parametrize("server", ["api", "dashboard"])
 def test_the_dashboard_shows_the_finished_study_with_its_trials_and_intermediate_values(
-    compose_stack, finished_job, page, screenshot, server
+    compose_stack, finished_job, admin_key, page, screenshot, server
 ):
     """``/dashboard/`` of the API and of the standalone dashboard: the study list, the study page with the
     intermediate-value plot (one line per trial), and the trial list with each trial's state."""
     base = compose_stack.url(server, {"api": 8000, "dashboard": 8080}[server])
-    summaries = httpx.get(f"{base}/dashboard/api/studies", timeout=10).json()["study_summaries"]
-    [study_id] = [s["study_id"] for s in summaries if s["study_name"] == finished_job["study_name"]]
-    trials = httpx.get(f"{base}/dashboard/api/studies/{study_id}", params={"after": 0}, timeout=10).json()
+    client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {admin_key}"}, timeout=10)
+    with client:
+        summaries = client.get("/dashboard/api/studies").json()["study_summaries"]
+        [study_id] = [s["study_id"] for s in summaries if s["study_name"] == finished_job["study_name"]]
+        trials = client.get(f"/dashboard/api/studies/{study_id}", params={"after": 0}).json()
     numbers = sorted(t["number"] for t in trials["trials"])
 
     page.goto(f"{base}/dashboard/")

@@ -77,9 +77,11 @@ def test_the_job_succeeds_and_its_trials_are_in_postgresql(compose_stack, finish
 
 
 def test_the_standalone_dashboard_serves_the_study_and_its_trials_read_only(
-    compose_stack, finished_job, study
+    compose_stack, finished_job, study, admin_key
 ):
-    with httpx.Client(base_url=compose_stack.url("dashboard", 8080), timeout=10) as client:
+    assert httpx.get(compose_stack.url("dashboard", 8080, "/dashboard/api/studies")).status_code == 401
+    headers = {"Authorization": f"Bearer {admin_key}"}
+    with httpx.Client(base_url=compose_stack.url("dashboard", 8080), headers=headers, timeout=10) as client:
         summaries = client.get("/dashboard/api/studies").json()["study_summaries"]
         [summary] = [s for s in summaries if s["study_name"] == finished_job["study_name"]]
         detail = client.get(f"/dashboard/api/studies/{summary['study_id']}", params={"after": 0}).json()

@@ -52,14 +52,18 @@ def _empty_postgres(service_url: str, optuna_url: str) -> None:
 def backend(request: pytest.FixtureRequest, tmp_path: Any) -> Backend:
     """Settings for one backend, with empty databases."""
     data_dir = tmp_path / "esgd"
+    # Keys off on both backends, as in the embedded mode: access control has tests of its own.
     if request.param == "sqlite":
-        return Backend("sqlite", Settings(data_dir=data_dir))
+        return Backend("sqlite", Settings(data_dir=data_dir, require_api_keys=False))
     postgres = request.getfixturevalue("postgres")
     _empty_postgres(postgres.service_url, postgres.optuna_url)
     return Backend(
         "postgresql",
         Settings(
-            data_dir=data_dir, database_url=postgres.service_url, optuna_storage_url=postgres.optuna_url
+            data_dir=data_dir,
+            database_url=postgres.service_url,
+            optuna_storage_url=postgres.optuna_url,
+            require_api_keys=False,
         ),
     )
 

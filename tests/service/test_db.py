@@ -24,7 +24,7 @@ def test_migrations_create_exactly_the_models_and_are_idempotent(backend, databa
             connection, opts={"compare_type": True, "version_table": VERSION_TABLE}
         )
         assert compare_metadata(context, Base.metadata) == []
-        assert context.get_current_revision() == "0001"
+        assert context.get_current_revision() == "0002"
         tables = set(inspect(connection).get_table_names())
     assert {"jobs", "job_events", VERSION_TABLE} <= tables
     assert "alembic_version" not in tables  # never Optuna's version table name
@@ -71,7 +71,7 @@ def test_concurrent_migrations_of_a_new_database_do_not_collide(tmp_path, postgr
             database = Database(url)
             with database.engine.connect() as connection:
                 context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
-                assert context.get_current_revision() == "0001"
+                assert context.get_current_revision() == "0002"
             database.dispose()
     finally:
         with admin.connect() as connection:
