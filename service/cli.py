@@ -248,7 +248,9 @@ def print_summary(job: dict[str, Any], url: str) -> None:
     )
     console.print(
         f"trials: {p['trials_finished']} finished of {p['trials_planned']} planned — "
-        f"{p['trials_complete']} complete, {p['trials_pruned']} pruned, {p['trials_failed']} failed; "
+        f"{p['trials_complete']} complete, {p['trials_pruned']} pruned, {p['trials_failed']} failed"
+        + (f" ({p['trials_retried']} attempts retried)" if p.get("trials_retried") else "")
+        + "; "
         f"{p['gradient_evaluations']:,} gradient evaluations"
     )
     if best:
@@ -361,21 +363,17 @@ def _unwind(signum: int, _frame: object) -> None:
 def migrate() -> None:
     """Create or upgrade both databases (ESGD_DATABASE_URL, ESGD_OPTUNA_STORAGE_URL), then exit.
 
-    A deployment runs this once before the API; the API also migrates at start-up, so it is optional.
+    A deployment runs this once before the API; the API also migrates both at start-up, so it is optional.
     """
     from service.config import Settings
     from service.db import migrate as migrate_service_database
-    from service.studies import close_storage, open_storage
+    from service.studies import upgrade_storage
 
     settings = Settings()
     migrate_service_database(settings.resolved_database_url())
     console.print("service database at the latest revision")
-    storage = open_storage(settings.resolved_optuna_storage_url())  # creates Optuna's tables if missing
-    try:
-        storage.upgrade()  # a database from an older Optuna release
-        console.print(f"study database at Optuna's revision {storage.get_current_version()}")
-    finally:
-        close_storage(storage)
+    revision = upgrade_storage(settings.resolved_optuna_storage_url())
+    console.print(f"study database at Optuna's revision {revision}")
 
 
 # ------------------------------------------------------------------------------------------ API keys

@@ -40,6 +40,8 @@ class Settings(BaseSettings):
     require_api_keys: bool | None = None
     """True: every ``/v1`` route and the dashboard need a key. None (default): required unless the service
     database is the embedded SQLite. Either way, keys are required as soon as one exists."""
+    orphan_study_grace_s: float = Field(default=60.0, gt=0)
+    """A study this old whose job was never stored (its submission died half-way) is deleted."""
     max_active_jobs_per_key: int = Field(default=8, ge=1)
     """Jobs a (non-admin) key may have QUEUED, RUNNING or CANCELLING at once; more is a 429."""
     max_trials_per_job: int = Field(default=10_000, ge=1)

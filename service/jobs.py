@@ -11,6 +11,7 @@ import base64
 import binascii
 import hashlib
 import json
+import re
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -97,6 +98,10 @@ class InvalidPageToken(ServiceError):
 
 
 # ----------------------------------------------------------------------------- creation
+JOB_ID_PATTERN = re.compile(r"job-[0-9a-f]{12}")
+"""Every job id this service issues (:func:`new_job_id`)."""
+
+
 def new_job_id() -> str:
     return f"job-{secrets.token_hex(6)}"
 
@@ -191,6 +196,10 @@ def _replay(session: Session, key: str, request_hash: str) -> Job | None:
 
 # ----------------------------------------------------------------------------- reading
 def get_job(session: Session, job_id: str) -> Job:
+    # Only text shaped like an issued id reaches the database: PostgreSQL refuses text with NUL characters
+    # (``/v1/jobs/job-%00`` would be an error, not a 404), and an id of any length would be looked up.
+    if JOB_ID_PATTERN.fullmatch(job_id) is None:
+        raise JobNotFound(job_id)
     job = session.scalars(select(Job).where(Job.id == job_id)).one_or_none()
     if job is None:
         raise JobNotFound(job_id)
@@ -227,6 +236,15 @@ def list_jobs(
     return rows, encode_page_token(rows[-1].seq, filter_)
 
 
+def existing_job_ids(session: Session, job_ids: set[str]) -> set[str]:
+    """Which of ``job_ids`` name a stored job."""
+    found: set[str] = set()
+    ids = sorted(job_ids)
+    for start in range(0, len(ids), 500):  # bounded IN lists
+        found.update(session.scalars(select(Job.id).where(Job.id.in_(ids[start : start + 500]))))
+    return found
+
+
 def count_unfinished(session: Session, owner: str | None) -> int:
     """How many of ``owner``'s jobs are QUEUED, RUNNING or CANCELLING."""
     unfinished = [JobState.QUEUED.value, *(s.value for s in ACTIVE_STATES)]
@@ -254,7 +272,8 @@ class Totals:
     trials: dict[str, int]
     gradient_evaluations: int
     trial_seconds: float
-    trials_finished: int
+    attempts_finished: int
+    """Finished trial attempts (retried ones included): what ``trial_seconds`` sums over."""
     queue_seconds: list[float]
     """How long each started job waited in QUEUED."""
 
@@ -271,13 +290,13 @@ def totals(session: Session) -> Totals:
         for part in [progress, *(baseline["progress"] for baseline in progress.get("baselines", []))]:
             for state in TRIAL_STATES:
                 result.trials[state] += part.get(f"trials_{state}", 0)
-            result.trials_finished += part.get("trials_finished", 0)
+            result.attempts_finished += part.get("trials_finished", 0) + part.get("trials_retried", 0)
             result.gradient_evaluations += part.get("gradient_evaluations", 0)
             result.trial_seconds += part.get("trial_seconds", 0.0)
     return result
 
 
-TRIAL_STATES = ("running", "complete", "pruned", "failed")
+TRIAL_STATES = ("running", "complete", "pruned", "failed", "retried")
 
 
 def count_by_state(session: Session) -> dict[JobState, int]:

@@ -24,7 +24,7 @@ from service.config import Settings, get_settings
 from service.db import Database, migrate
 from service.jobs import SpecCheck
 from service.limits import spec_limits
-from service.studies import StudyStorage
+from service.studies import StudyStorage, upgrade_storage
 
 logger = logging.getLogger(__name__)
 
@@ -35,13 +35,14 @@ shutdown in reverse order. It finds everything it needs on ``app.state`` (settin
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Migrate and open the service database, open the study storage, then run the background hooks."""
+    """Migrate and open both databases (Optuna's with Optuna's migrations), then run the background hooks."""
     settings: Settings = app.state.settings
     url = settings.resolved_database_url()
     await to_thread.run_sync(migrate, url)
     app.state.db = Database(url)
     await to_thread.run_sync(_announce_access, app.state.db, settings)
     try:
+        await to_thread.run_sync(upgrade_storage, settings.resolved_optuna_storage_url())
         await to_thread.run_sync(app.state.optuna.get)
     except Exception as error:  # keep serving: /readyz reports it and the storage is retried on use
         logger.warning("study storage unavailable at start-up: %s", error)

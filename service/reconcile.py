@@ -4,6 +4,8 @@ Every ``reconcile_interval_s`` (and at start-up, which is how a restarted API pi
 - QUEUED jobs start, first come first served, while fewer than ``max_running_jobs`` are active;
 - CANCELLING jobs have their drivers stopped;
 - active jobs get their progress and best trial copied from their study, so reads never touch Optuna;
+- studies left by submissions that never stored their job (the API died in between) are deleted, at
+  start-up and every ``orphan_study_grace_s``, so no study stays without its job;
 - a job whose driver ended takes the outcome the driver recorded in its study. A driver that died without
   one (killed, node lost, cluster restarted) is restarted up to ``max_driver_restarts`` times; it resumes the
   study, failing and retrying the trials that were running. Past that the job FAILS with the reason, and its
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 import optuna
@@ -43,6 +46,8 @@ class Reconciler:
         self.dispatcher = dispatcher
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._next_sweep = 0.0  # at start-up, then every orphan_study_grace_s
+        self._suspects: dict[str, float] = {}  # study name → when first seen without its job
 
     # ------------------------------------------------------------------------------------------ the thread
     def start(self) -> None:
@@ -70,6 +75,33 @@ class Reconciler:
             for job in jobs.active_jobs(session):
                 self._follow(session, job)
             self._start_queued(session)
+            if time.monotonic() >= self._next_sweep:
+                self.sweep_orphan_studies(session)
+                self._next_sweep = time.monotonic() + self.settings.orphan_study_grace_s
+
+    def sweep_orphan_studies(self, session: Session) -> list[str]:
+        """Delete the studies of submissions whose job was never stored (the API died in between).
+
+        A submission creates its study first and commits its job row after, so a study is only deleted once
+        it has been without its job for ``orphan_study_grace_s``: since its recorded creation, or, where the
+        submission died before recording it, since this sweep first saw it.
+        """
+        named = studies.job_study_names(self.storage)
+        stored = jobs.existing_job_ids(session, set(named.values()))
+        now, grace = time.time(), self.settings.orphan_study_grace_s
+        self._suspects = {name: seen for name, seen in self._suspects.items() if name in named}
+        deleted = []
+        for name, job_id in named.items():
+            if job_id in stored:
+                self._suspects.pop(name, None)
+                continue
+            since = studies.created_at(self.storage, name) or self._suspects.setdefault(name, now)
+            if now - since > grace:
+                studies.delete_study(self.storage, name)
+                self._suspects.pop(name, None)
+                deleted.append(name)
+                logger.warning("deleted study %s: its job was never stored", name)
+        return deleted
 
     def _start_queued(self, session: Session) -> None:
         free = self.settings.max_running_jobs - len(jobs.active_jobs(session))

@@ -9,8 +9,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import re
 import sqlite3
 import threading
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,16 +29,20 @@ BASELINES = ("sgd", "adam")
 
 SPEC_ATTR = "spec"
 JOB_ID_ATTR = "job_id"
+CREATED_AT_ATTR = "created_at"
+_JOB_STUDY_NAME = re.compile(r"(job-[0-9a-f]{12})/")
+"""How every study of a job is named: ``{job_id}/{name}`` (see :func:`service.jobs.study_name_for`)."""
 REASON_ATTR = "reason"
 GRADIENT_EVALUATIONS_ATTR = "gradient_evaluations"
 TEST_ACCURACY_ATTR = "test_accuracy"
 
 
 # ----------------------------------------------------------------------------- storage
-def open_storage(url: str) -> RDBStorage:
+def open_storage(url: str, *, check_schema: bool = True) -> RDBStorage:
     """An Optuna RDB storage for ``url``; on SQLite with WAL and a busy timeout, like the service database.
 
-    No heartbeat: it does not cover ask/tell, so the driver owns trial liveness.
+    No heartbeat: it does not cover ask/tell, so the driver owns trial liveness. ``check_schema=False``
+    opens a database an older Optuna release made, to upgrade it (:func:`upgrade_storage`).
     """
     engine_kwargs: dict[str, Any]
     if is_sqlite(url):
@@ -52,7 +58,7 @@ def open_storage(url: str) -> RDBStorage:
         engine_kwargs = {"pool_pre_ping": True}
         if make_url(url).get_backend_name() == "postgresql":
             engine_kwargs["connect_args"] = {"connect_timeout": 5}
-    storage = RDBStorage(url, engine_kwargs=engine_kwargs)
+    storage = RDBStorage(url, engine_kwargs=engine_kwargs, skip_compatibility_check=not check_schema)
     if is_sqlite(url):
         event.listen(storage.engine, "connect", sqlite_pragmas())
     return storage
@@ -61,6 +67,18 @@ def open_storage(url: str) -> RDBStorage:
 def close_storage(storage: RDBStorage) -> None:
     storage.remove_session()
     storage.engine.dispose()
+
+
+def upgrade_storage(url: str) -> str:
+    """Create Optuna's tables, or bring a database from an older Optuna release to this one's schema, with
+    Optuna's own migrations; returns the schema revision."""
+    storage = open_storage(url, check_schema=False)
+    try:
+        if storage.get_current_version() != storage.get_head_version():
+            storage.upgrade()
+        return storage.get_current_version()
+    finally:
+        close_storage(storage)
 
 
 class StudyStorage:
@@ -112,8 +130,29 @@ def create_study_for_job(storage: RDBStorage, study_name: str, spec: JobCreate, 
         )
         study.set_user_attr(SPEC_ATTR, search.model_dump(mode="json"))
         study.set_user_attr(JOB_ID_ATTR, job_id)
+        study.set_user_attr(CREATED_AT_ATTR, time.time())
         if name == study_name and spec.baselines:
             study.set_user_attr("baselines", {b: baseline_study_name(study_name, b) for b in spec.baselines})
+
+
+def job_study_names(storage: RDBStorage) -> dict[str, str]:
+    """Every study named the way the service names a job's studies: study name → the job id in it.
+
+    Names only, read straight from Optuna's ``studies`` table (the same since Optuna 0.9): loading every
+    study with its attributes to get there would read every job's spec.
+    """
+    with storage.engine.connect() as connection:
+        names = connection.execute(text("SELECT study_name FROM studies")).scalars()
+        return {name: match.group(1) for name in names if (match := _JOB_STUDY_NAME.match(name))}
+
+
+def created_at(storage: RDBStorage, study_name: str) -> float | None:
+    """When the service created the study (Unix time), if it got as far as recording it."""
+    try:
+        attrs = storage.get_study_user_attrs(storage.get_study_id_from_name(study_name))
+    except KeyError:
+        return None
+    return attrs.get(CREATED_AT_ATTR)
 
 
 def baseline_study_name(study_name: str, optimizer: str) -> str:
@@ -179,16 +218,19 @@ def summarise(spec: JobCreate, trials: list[FrozenTrial]) -> tuple[Progress, Bes
     Pareto front; the whole front is in the dashboard.
     """
     counts = {state: 0 for state in TrialState}
+    retried = 0
     for trial in trials:
         counts[trial.state] += 1
-    finished = counts[TrialState.COMPLETE] + counts[TrialState.PRUNED] + counts[TrialState.FAIL]
+        retried += trial.state == TrialState.FAIL and bool(trial.user_attrs.get("will_retry"))
+    failed = counts[TrialState.FAIL] - retried
     progress = Progress(
         trials_planned=spec.budget.trials,
-        trials_finished=finished,
+        trials_finished=counts[TrialState.COMPLETE] + counts[TrialState.PRUNED] + failed,
         trials_running=counts[TrialState.RUNNING],
         trials_complete=counts[TrialState.COMPLETE],
         trials_pruned=counts[TrialState.PRUNED],
-        trials_failed=counts[TrialState.FAIL],
+        trials_failed=failed,
+        trials_retried=retried,
         gradient_evaluations=sum(_int_attr(t, GRADIENT_EVALUATIONS_ATTR) or 0 for t in trials),
         trial_seconds=sum(
             (t.datetime_complete - t.datetime_start).total_seconds()

@@ -46,7 +46,9 @@ def _with_database(admin: URL, name: str) -> str:
 def fresh_databases(admin_url: str, *kinds: str) -> Iterator[dict[str, str]]:
     """New, empty databases on the server of ``admin_url``, one per kind (kind → URL), dropped afterwards."""
     admin = make_url(admin_url)
-    engine = create_engine(admin, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5})
+    engine = create_engine(
+        admin, isolation_level="AUTOCOMMIT", pool_pre_ping=True, connect_args={"connect_timeout": 5}
+    )
     names = {kind: f"esgd_test_{secrets.token_hex(4)}_{kind}" for kind in kinds}
     try:
         with engine.connect() as connection:

@@ -149,6 +149,17 @@ class StudyLoop:
         self.best_number: int | None = None
 
     def run(self) -> Outcome:
+        """Search to the end; if anything raises (e.g. the study database went away), the running trials are
+        stopped first, so no task outlives the loop. A new loop on the same study then resumes it."""
+        try:
+            return self._search()
+        except BaseException:
+            for handle in list(self.running):
+                self.executor.stop(handle)  # their trials stay RUNNING: the next loop's _recover retries them
+            self.running.clear()
+            raise
+
+    def _search(self) -> Outcome:
         self._recover()
         limit = self.spec["budget"]["wall_clock_limit_s"]
         deadline = time.monotonic() + limit if limit else math.inf

@@ -2,9 +2,11 @@
 
 Python's ``json`` accepts ``NaN``, ``Infinity`` and ``-Infinity`` (and turns ``1e999`` into infinity). The
 schema rejects non-finite numbers in typed fields, but free-form fields (choices, fixed knob values) would
-let them through, and a NaN stored is a NaN served as invalid JSON. So every JSON body is checked before
-validation: a non-finite number is a 422 naming where it is; a body that is not JSON at all is a 400; a body
-that is not declared as JSON is a 415; a body larger than ``max_body_bytes`` is a 413.
+let them through, and a NaN stored is a NaN served as invalid JSON. Python also keeps the last of repeated
+member names (``{"name": "a", "name": "b"}``) where other parsers keep the first, so a proxy or a client
+library could read another spec than the one we run. So every JSON body is checked before validation: a
+non-finite number or a repeated member name is a 422 naming where it is; a body that is not JSON at all is a
+400; a body that is not declared as JSON is a 415; a body larger than ``max_body_bytes`` is a 413.
 
 The size limit is our own small middleware rather than Starlette's ``RequestBodyLimitMiddleware`` (or
 FastAPI's ``max_body_size``, which uses it): when the declared Content-Length is over the limit, that one
@@ -15,7 +17,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Coroutine
+from collections import Counter
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 from fastapi.exceptions import RequestValidationError
@@ -29,6 +32,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.api.errors import ProblemError, problem_response
 
 NON_FINITE_MESSAGE = "non-finite numbers (NaN, Infinity) are not allowed"
+DUPLICATE_MESSAGE = "this member name appears more than once in its object"
+
+JSONPath = tuple[str | int, ...]
 
 
 def is_json_media_type(content_type: str | None) -> bool:
@@ -39,24 +45,50 @@ def is_json_media_type(content_type: str | None) -> bool:
     return main == "application" and (sub == "json" or sub.endswith("+json"))
 
 
-def non_finite_paths(document: Any) -> list[tuple[str | int, ...]]:
-    """Where non-finite floats sit in a parsed JSON document (iterative: nesting depth is the client's)."""
-    found: list[tuple[str | int, ...]] = []
-    stack: list[tuple[tuple[str | int, ...], Any]] = [((), document)]
+class _JSONObject(dict[str, Any]):
+    """A parsed JSON object that remembers the member names it had more than once."""
+
+    duplicates: tuple[str, ...] = ()
+
+
+def _json_object(pairs: list[tuple[str, Any]]) -> _JSONObject:
+    obj = _JSONObject(pairs)
+    if len(obj) < len(pairs):
+        obj.duplicates = tuple(key for key, count in Counter(key for key, _ in pairs).items() if count > 1)
+    return obj
+
+
+def _walk(document: Any) -> Iterator[tuple[JSONPath, Any]]:
+    """Every value of a parsed JSON document with its path (iterative: nesting depth is the client's)."""
+    stack: list[tuple[JSONPath, Any]] = [((), document)]
     while stack:
         path, value = stack.pop()
-        if isinstance(value, float):
-            if not math.isfinite(value):
-                found.append(path)
-        elif isinstance(value, dict):
+        yield path, value
+        if isinstance(value, dict):
             stack.extend(((*path, key), item) for key, item in value.items())
         elif isinstance(value, list):
             stack.extend(((*path, index), item) for index, item in enumerate(value))
-    return sorted(found, key=lambda p: [str(part) for part in p])
+
+
+def _sorted(paths: list[JSONPath]) -> list[JSONPath]:
+    return sorted(paths, key=lambda p: [str(part) for part in p])
+
+
+def non_finite_paths(document: Any) -> list[JSONPath]:
+    """Where non-finite floats sit in a parsed JSON document."""
+    return _sorted([p for p, v in _walk(document) if isinstance(v, float) and not math.isfinite(v)])
+
+
+def duplicate_key_paths(document: Any) -> list[JSONPath]:
+    """Where repeated member names sit in a document parsed with ``object_pairs_hook=_json_object``."""
+    return _sorted(
+        [(*p, key) for p, v in _walk(document) if isinstance(v, _JSONObject) for key in v.duplicates]
+    )
 
 
 async def check_json_body(request: Request) -> None:
-    """Raise a problem unless the body (if any) is declared JSON, parses, and holds only finite numbers."""
+    """Raise a problem unless the body (if any) is declared JSON, parses, holds only finite numbers and
+    repeats no member name."""
     body = await request.body()
     if not body:
         return
@@ -68,7 +100,7 @@ async def check_json_body(request: Request) -> None:
             slug="unsupported-media-type",
         )
     try:
-        document = json.loads(body)
+        document = json.loads(body, object_pairs_hook=_json_object)
     except UnicodeDecodeError:
         raise ProblemError(400, "The request body is not valid UTF-8 JSON", slug="malformed-json") from None
     except json.JSONDecodeError as error:
@@ -81,11 +113,15 @@ async def check_json_body(request: Request) -> None:
         raise ProblemError(
             400, f"The request body cannot be read as JSON: {error}", slug="malformed-json"
         ) from None
-    bad = non_finite_paths(document)
-    if bad:
-        raise RequestValidationError(
-            [{"loc": ("body", *path), "msg": NON_FINITE_MESSAGE, "type": "finite_number"} for path in bad]
-        )
+    errors = [
+        {"loc": ("body", *path), "msg": NON_FINITE_MESSAGE, "type": "finite_number"}
+        for path in non_finite_paths(document)
+    ] + [
+        {"loc": ("body", *path), "msg": DUPLICATE_MESSAGE, "type": "duplicate_key"}
+        for path in duplicate_key_paths(document)
+    ]
+    if errors:
+        raise RequestValidationError(errors)
 
 
 class JSONBodyRoute(APIRoute):

@@ -16,8 +16,9 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from optuna.exceptions import StorageInternalError
 from pydantic import BaseModel
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import jobs
@@ -197,10 +198,17 @@ async def _problem_error(request: Request, exc: ProblemError) -> ProblemResponse
     )
 
 
-async def _database_unavailable(request: Request, exc: OperationalError) -> ProblemResponse:
+async def _database_unavailable(request: Request, exc: Exception) -> ProblemResponse:
     logger.warning("database unavailable during %s %s: %s", request.method, request.url.path, exc)
     detail = "A database is unavailable; try again shortly"
     return problem_response(request, 503, detail, slug="unavailable", headers={"Retry-After": "5"})
+
+
+async def _storage_error(request: Request, exc: StorageInternalError) -> ProblemResponse:
+    """Optuna's storage wraps every database error in this one: an outage is a 503, the rest a 500."""
+    if isinstance(exc.__cause__, OperationalError | InterfaceError):
+        return await _database_unavailable(request, exc)
+    return await _unexpected(request, exc)
 
 
 async def _unexpected(request: Request, exc: Exception) -> ProblemResponse:
@@ -215,6 +223,8 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(jobs.ServiceError, _service_error)  # type: ignore[arg-type]
     app.add_exception_handler(ProblemError, _problem_error)  # type: ignore[arg-type]
     app.add_exception_handler(OperationalError, _database_unavailable)  # type: ignore[arg-type]
+    app.add_exception_handler(InterfaceError, _database_unavailable)  # type: ignore[arg-type]
+    app.add_exception_handler(StorageInternalError, _storage_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _unexpected)
 
 

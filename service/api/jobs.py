@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
@@ -17,7 +16,6 @@ from service.tables import Job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=JSONBodyRoute, responses=PROBLEM_RESPONSES)
 
-JOB_ID_PATTERN = re.compile(r"job-[0-9a-f]{12}")
 BEST_MODEL_FILE = "best-model.pt"
 
 IdempotencyKey = Annotated[
@@ -139,7 +137,7 @@ def best_model(job: JobDep, settings: SettingsDep) -> FileResponse:
 
     The path is built from the stored job id (checked against its pattern), never from request text.
     """
-    if JOB_ID_PATTERN.fullmatch(job.id) is None:
+    if jobs.JOB_ID_PATTERN.fullmatch(job.id) is None:
         raise ProblemError(404, f"job {job.id} has no best model", slug="best-model-not-found")
     path = settings.artifacts_dir / job.id / BEST_MODEL_FILE
     if not path.is_file():

@@ -67,8 +67,8 @@ class ServiceFigures(Collector):
         yield by_trial_state
         yield SummaryMetricFamily(
             "esgd_trial_duration_seconds",
-            "Wall-clock time of finished trials, start to finish",
-            count_value=totals.trials_finished,
+            "Wall-clock time of finished trial attempts (retried ones included), start to finish",
+            count_value=totals.attempts_finished,
             sum_value=totals.trial_seconds,
         )
         yield CounterMetricFamily(

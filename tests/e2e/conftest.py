@@ -30,17 +30,21 @@ def ray_address(tmp_path_factory) -> Iterator[str]:
 
 
 class Server:
-    """``uvicorn --factory service.serving:build_app`` in its own process, as production runs it."""
+    """``uvicorn --factory service.serving:build_app`` in its own process, as production runs it.
 
-    def __init__(self, env: dict[str, str], log: Path) -> None:
+    ``factory="service.main:create_app"`` serves the API alone, without Ray: jobs are stored and stay QUEUED.
+    """
+
+    def __init__(self, env: dict[str, str], log: Path, factory: str = "service.serving:build_app") -> None:
         self.env = env
         self.log = log
+        self.factory = factory
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout_s: float = 60.0) -> None:
-        command = [sys.executable, "-m", "uvicorn", "--factory", "service.serving:build_app"]
+        command = [sys.executable, "-m", "uvicorn", "--factory", self.factory]
         command += ["--host", "127.0.0.1", "--port", str(self.port)]
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT)

@@ -61,7 +61,7 @@ def test_metrics_sum_trials_time_and_gradient_evaluations_over_jobs_and_their_ba
         (s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples
     }
     trials = {s.labels["state"]: s.value for s in families["esgd_trials"].samples}
-    assert trials == {"running": 1, "complete": 4, "pruned": 1, "failed": 1}
+    assert trials == {"running": 1, "complete": 4, "pruned": 1, "failed": 1, "retried": 0}
     assert samples[("esgd_trial_duration_seconds_count", ())] == 6
     assert samples[("esgd_trial_duration_seconds_sum", ())] == 18.0
     assert samples[("esgd_gradient_evaluations_total", ())] == 1240

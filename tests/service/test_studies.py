@@ -39,6 +39,9 @@ def test_progress_counts_states_and_sums_gradient_evaluations(study_storage):
     finish(study, 0.7, grads=2000)
     finish(study, None, state=TrialState.PRUNED, grads=500, reason="pruned at epoch 2")
     finish(study, None, state=TrialState.FAIL, reason="diverged")  # no gradient attr: counts 0
+    retried = study.ask(LR)  # its worker died; it is tried again, so it is not one of the planned trials
+    retried.set_user_attr("will_retry", True)
+    study.tell(retried, state=TrialState.FAIL)
     study.ask()  # running
     trials = studies.trials(study_storage, study.study_name)
     progress, _ = studies.summarise(spec, trials)
@@ -52,6 +55,7 @@ def test_progress_counts_states_and_sums_gradient_evaluations(study_storage):
         "trials_complete": 2,
         "trials_pruned": 1,
         "trials_failed": 1,
+        "trials_retried": 1,
         "gradient_evaluations": 3500,
         "baselines": [],
     }
