@@ -70,9 +70,13 @@ OPTIMIZER_KNOBS: dict[str, dict[str, str]] = {
 
 
 class _Strict(BaseModel):
-    """Unknown fields and non-finite numbers are errors everywhere in the input."""
+    """Unknown fields, non-finite numbers and values of the wrong JSON type are errors everywhere in input.
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    Strict: ``"5"`` is not an integer, ``1`` is not ``true`` and ``"0.1"`` is not a number, as the published
+    schema says (integers are still accepted where a number is asked for).
+    """
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
 # ----------------------------------------------------------------------------- search space
@@ -211,7 +215,8 @@ class Budget(_Strict):
 
 class Sampler(_Strict):
     name: Literal["tpe", "random", "cmaes", "gp", "grid", "nsga2"] = "tpe"
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] | None = None
+    """The samplers' seed (default: the job's); numpy, which they seed, takes 0 to 2**32 - 1."""
     n_startup_trials: Annotated[int, Field(ge=0, le=1000)] = 5
 
 
@@ -240,6 +245,10 @@ class Resources(_Strict):
 
 class JobCreate(_Strict):
     """A search job: one Optuna study over an optimizer's knobs on one dataset and model."""
+
+    # Defaults go through the cross-field checks too: ``{"dataset": "digits"}`` with the default model (the
+    # 1-D CNN) is refused, not stored as a job that cannot run.
+    model_config = ConfigDict(**_Strict.model_config, validate_default=True)
 
     name: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[\w][\w .:@+=-]*$")]
     dataset: Literal["mnist1d", "digits", "mnist5k", "synthetic"] = "mnist1d"
@@ -396,7 +405,14 @@ def _fits(value: Any, kind: str) -> bool:
         return False
     if kind == "int":
         return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
-    return isinstance(value, int | float) and math.isfinite(value)
+    return isinstance(value, int | float) and _finite(value)
+
+
+def _finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer beyond any float (10**400): no optimizer can take it
+        return False
 
 
 def _kind_name(kind: str) -> str:
@@ -429,13 +445,17 @@ class BestTrial(BaseModel):
 class Progress(BaseModel):
     trials_planned: int
     trials_finished: int = 0
+    """Of the planned trials, those done: complete, pruned or failed for good (never above planned)."""
     trials_running: int = 0
     trials_complete: int = 0
     trials_pruned: int = 0
     trials_failed: int = 0
+    """Failed with no retry left (a diverged trial, or one whose retries ran out)."""
+    trials_retried: int = 0
+    """Attempts that failed because their worker or driver died, and were tried again."""
     gradient_evaluations: int = 0
     trial_seconds: float = 0.0
-    """Wall-clock seconds of the finished trials, start to finish, summed."""
+    """Wall-clock seconds of every finished attempt, start to finish, summed."""
     baselines: list[BaselineSummary] = []
     """Each baseline's search (their trials are not counted above)."""
 

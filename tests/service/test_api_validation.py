@@ -90,6 +90,18 @@ BAD_SPECS = [
         ["grid cannot"],
         id="baseline-on-a-grid",
     ),
+    pytest.param(
+        {"name": "x", "dataset": "digits"},
+        ["model"],
+        ["does not fit dataset 'digits'"],
+        id="default-model-does-not-fit-the-dataset",
+    ),
+    pytest.param(
+        {"name": "x", "objectives": [{"metric": "val_accuracy"}, {"metric": "wall_time"}]},
+        ["pruner"],
+        ["single objective"],
+        id="default-pruner-with-several-objectives",
+    ),
 ]
 
 
