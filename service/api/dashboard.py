@@ -158,12 +158,12 @@ def standalone_app(settings: Settings) -> Any:
     """The dashboard alone (``esgd dashboard``): mounted at :data:`MOUNT_PATH`, the root redirecting there.
 
     It reads the study database, and the service database for the API keys (an admin key is needed while
-    keys are required, as for the API's own mount).
+    keys are required, as for the API's own mount). ``/healthz`` answers without a key, for health checks.
     """
     from contextlib import asynccontextmanager
 
     from starlette.applications import Starlette
-    from starlette.responses import RedirectResponse
+    from starlette.responses import JSONResponse, RedirectResponse
     from starlette.routing import Mount, Route
 
     from service.api.auth import AdminOnly
@@ -181,6 +181,7 @@ def standalone_app(settings: Settings) -> Any:
     return Starlette(
         routes=[
             Route("/", lambda _request: RedirectResponse(MOUNT_PATH + "/")),
+            Route("/healthz", lambda _request: JSONResponse({"status": "ok"})),
             Mount(MOUNT_PATH, AdminOnly(asgi_app(study_storage), lambda: database, settings)),
         ],
         lifespan=lifespan,

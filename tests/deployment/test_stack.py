@@ -76,6 +76,14 @@ def test_the_job_succeeds_and_its_trials_are_in_postgresql(compose_stack, finish
     assert (best["number"], best["values"]) == (study.best_trial.number, [study.best_value])
 
 
+def test_every_service_running_here_passes_its_own_health_check(compose_stack):
+    """What ``docker compose ps`` would show as healthy: each compose health check, run as compose runs it
+    (the dashboard's needs no key, which the deployment requires everywhere else)."""
+    checked = [name for name in compose_stack.processes if "healthcheck" in compose_stack.services[name]]
+    assert {"api", "dashboard", "ray-head"} <= set(checked)
+    assert {name: compose_stack.healthy(name) for name in checked} == dict.fromkeys(checked, True)
+
+
 def test_the_standalone_dashboard_serves_the_study_and_its_trials_read_only(
     compose_stack, finished_job, study, admin_key
 ):
@@ -108,6 +116,7 @@ def test_metrics_count_the_job_and_its_trials(compose_stack, finished_job, study
         "complete": states.count(TrialState.COMPLETE),
         "pruned": states.count(TrialState.PRUNED),
         "failed": states.count(TrialState.FAIL),
+        "retried": 0,
     }
     spent = sum(t.user_attrs["gradient_evaluations"] for t in study.trials)
     assert samples[("esgd_gradient_evaluations_total", ())] == spent > 0
