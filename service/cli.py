@@ -327,14 +327,17 @@ def serve(
         str | None, typer.Option(envvar="RAY_ADDRESS", help="an existing cluster's Jobs API URL")
     ] = None,
     num_cpus: Annotated[int | None, typer.Option(help="CPUs of the local Ray (default: all)")] = None,
+    workers: Annotated[
+        int, typer.Option(min=1, envvar="ESGD_WORKERS", help="API processes (one leads the scheduler)")
+    ] = 1,
     access_log: Annotated[bool, typer.Option(help="log every request")] = True,
 ) -> None:
     """Run the API, the dashboard and the job scheduler, on a private local Ray unless RAY_ADDRESS is set."""
+    import shutil
+
     import uvicorn
 
-    from service.config import Settings
     from service.local_ray import LocalRay
-    from service.serving import build_app
 
     # uvicorn re-raises the SIGTERM it handled once it has shut down; unwinding instead lets `finally` stop
     # the local Ray rather than leaving it behind.
@@ -347,9 +350,23 @@ def serve(
             ray_address = local.start()
         console.print(f"local Ray started: Jobs API at {ray_address}")
     try:
-        settings = Settings(data_dir=data_dir, ray_address=ray_address)
+        # The workers are new processes: they read their settings from the environment.
+        os.environ |= {"ESGD_DATA_DIR": str(data_dir), "ESGD_RAY_ADDRESS": ray_address}
+        if workers > 1:
+            metrics_dir = data_dir / "metrics"
+            shutil.rmtree(metrics_dir, ignore_errors=True)  # the figures of an earlier run
+            metrics_dir.mkdir(parents=True)
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
         console.print(f"API at http://{host}:{port}/docs, dashboard at http://{host}:{port}/dashboard/")
-        uvicorn.run(build_app(settings), host=host, port=port, log_level="info", access_log=access_log)
+        uvicorn.run(
+            "service.serving:build_app",
+            factory=True,
+            workers=workers,
+            host=host,
+            port=port,
+            log_level="info",
+            access_log=access_log,
+        )
     finally:
         if local is not None:
             local.stop()

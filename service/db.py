@@ -7,6 +7,7 @@ schema changes: :func:`migrate` runs ``upgrade head`` programmatically, no ``ale
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import json
 import threading
@@ -17,8 +18,14 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, make_url, text
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
 
 SQLITE_BUSY_TIMEOUT_S = 30.0
+POOL_SIZE = 10
+"""Connections an engine keeps open, and never more: a burst waits for one instead of opening more. With
+SQLAlchemy's default overflow a busy API opened and closed connections all the time, and on PostgreSQL each
+new one is a new server process: under load that churn took the cores the requests needed. With every API
+worker holding two engines, a deployment needs 2 x POOL_SIZE connections per worker."""
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 VERSION_TABLE = "esgd_alembic_version"
 """Not Alembic's default name, so it can never be mistaken for Optuna's own ``alembic_version``."""
@@ -56,17 +63,28 @@ def sqlite_pragmas(busy_timeout_s: float = SQLITE_BUSY_TIMEOUT_S) -> Callable[[A
     return on_connect
 
 
-def make_engine(url: str, *, busy_timeout_s: float = SQLITE_BUSY_TIMEOUT_S, **kwargs: Any) -> Engine:
-    """An engine for the service database: WAL + busy timeout on SQLite, pre-ping on PostgreSQL."""
-    options: dict[str, Any] = {"json_serializer": _json_serializer}
+def engine_options(url: str, busy_timeout_s: float = SQLITE_BUSY_TIMEOUT_S) -> dict[str, Any]:
+    """``create_engine`` options for either database: a fixed pool of :data:`POOL_SIZE`; the busy timeout on
+    SQLite (the pragmas are :func:`sqlite_pragmas`), a connect timeout on PostgreSQL.
+
+    No ping before each use, which would cost a round trip per request: a connection that PostgreSQL dropped
+    fails the one use that finds it (a 503 in the API), and SQLAlchemy then renews the whole pool.
+    """
     if is_sqlite(url):
         ensure_sqlite_directory(url)
-        options["connect_args"] = {"check_same_thread": False, "timeout": busy_timeout_s}
-    else:
-        options["pool_pre_ping"] = True
-        if make_url(url).get_backend_name() == "postgresql":
-            options["connect_args"] = {"connect_timeout": 5}
-    options.update(kwargs)
+        options: dict[str, Any] = {"connect_args": {"check_same_thread": False, "timeout": busy_timeout_s}}
+        if make_url(url).database not in (None, "", ":memory:"):  # memory databases have a pool of one
+            options |= {"pool_size": POOL_SIZE, "max_overflow": 0}
+        return options
+    options = {"pool_size": POOL_SIZE, "max_overflow": 0}
+    if make_url(url).get_backend_name() == "postgresql":
+        options["connect_args"] = {"connect_timeout": 5}
+    return options
+
+
+def make_engine(url: str, *, busy_timeout_s: float = SQLITE_BUSY_TIMEOUT_S, **kwargs: Any) -> Engine:
+    """An engine for the service database: WAL + busy timeout on SQLite, pre-ping on PostgreSQL."""
+    options = {"json_serializer": _json_serializer, **engine_options(url, busy_timeout_s), **kwargs}
     engine = create_engine(url, **options)
     if is_sqlite(url):
         event.listen(engine, "connect", sqlite_pragmas(busy_timeout_s))
@@ -109,6 +127,29 @@ def alembic_config(connection: Any = None) -> Any:
     config.attributes["connection"] = connection
     config.attributes["version_table"] = VERSION_TABLE
     return config
+
+
+@contextmanager
+def exclusive(url: str, lock_id: int) -> Iterator[None]:
+    """Run the block in one process at a time, across processes and hosts: under a PostgreSQL advisory lock
+    held on a connection of its own, or a ``flock`` on a file beside a SQLite database."""
+    if is_sqlite(url):
+        database = make_url(url).database
+        if not database or database == ":memory:":  # a database of this process alone
+            yield
+            return
+        ensure_sqlite_directory(url)
+        with open(f"{database}.lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file is closed
+            yield
+        return
+    engine = create_engine(url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as connection:
+            connection.execute(text("SELECT pg_advisory_lock(:id)"), {"id": lock_id})
+            yield  # released when the connection closes
+    finally:
+        engine.dispose()
 
 
 def migrate(url: str, revision: str = "head") -> None:

@@ -1,6 +1,7 @@
 """Keeps the service's jobs in step with their drivers on Ray and their studies, in a background thread.
 
-Every ``reconcile_interval_s`` (and at start-up, which is how a restarted API picks up where it was):
+Every ``reconcile_interval_s`` (and at start-up, which is how a restarted API picks up where it was), in
+the one API process that holds the leader lock (:mod:`service.leader`), however many serve:
 - QUEUED jobs start, first come first served, while fewer than ``max_running_jobs`` are active;
 - CANCELLING jobs have their drivers stopped;
 - active jobs get their progress and best trial copied from their study, so reads never touch Optuna;
@@ -26,6 +27,7 @@ from sqlalchemy.orm import Session
 from service import jobs, studies
 from service.config import Settings
 from service.dispatch import TERMINAL, RayDispatcher
+from service.leader import LeaderLock
 from service.schemas import JobCreate, JobState
 from service.tables import Job
 
@@ -46,6 +48,7 @@ class Reconciler:
         self.dispatcher = dispatcher
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.leader = LeaderLock(settings.resolved_database_url())
         self._next_sweep = 0.0  # at start-up, then every orphan_study_grace_s
         self._suspects: dict[str, float] = {}  # study name → when first seen without its job
 
@@ -62,12 +65,14 @@ class Reconciler:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                self.reconcile_once()
+                if self.leader.held():  # one reconciler per deployment: the others wait their turn
+                    self.reconcile_once()
             except Exception:  # a database or Ray outage: log it and try again next round
                 logger.exception(
                     "reconciliation failed; retrying in %.1f s", self.settings.reconcile_interval_s
                 )
             self._stop.wait(self.settings.reconcile_interval_s)
+        self.leader.release()
 
     # ------------------------------------------------------------------------------------------ one round
     def reconcile_once(self) -> None:
@@ -83,8 +88,8 @@ class Reconciler:
         """Delete the studies of submissions whose job was never stored (the API died in between).
 
         A submission creates its study first and commits its job row after, so a study is only deleted once
-        it has been without its job for ``orphan_study_grace_s``: since its recorded creation, or, where the
-        submission died before recording it, since this sweep first saw it.
+        this sweep has seen it without its job for ``orphan_study_grace_s`` (a submission in flight stores
+        its job within milliseconds).
         """
         named = studies.job_study_names(self.storage)
         stored = jobs.existing_job_ids(session, set(named.values()))
@@ -95,8 +100,7 @@ class Reconciler:
             if job_id in stored:
                 self._suspects.pop(name, None)
                 continue
-            since = studies.created_at(self.storage, name) or self._suspects.setdefault(name, now)
-            if now - since > grace:
+            if now - self._suspects.setdefault(name, now) > grace:
                 studies.delete_study(self.storage, name)
                 self._suspects.pop(name, None)
                 deleted.append(name)

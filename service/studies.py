@@ -12,7 +12,6 @@ import math
 import re
 import sqlite3
 import threading
-import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -22,14 +21,13 @@ from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import event, make_url, text
 
-from service.db import SQLITE_BUSY_TIMEOUT_S, ensure_sqlite_directory, is_sqlite, sqlite_pragmas
+from service.db import SQLITE_BUSY_TIMEOUT_S, engine_options, exclusive, is_sqlite, sqlite_pragmas
 from service.schemas import BaselineSummary, BestTrial, EpochPublic, JobCreate, Progress, TrialPublic
 
 BASELINES = ("sgd", "adam")
 
 SPEC_ATTR = "spec"
 JOB_ID_ATTR = "job_id"
-CREATED_AT_ATTR = "created_at"
 _JOB_STUDY_NAME = re.compile(r"(job-[0-9a-f]{12})/")
 """How every study of a job is named: ``{job_id}/{name}`` (see :func:`service.jobs.study_name_for`)."""
 REASON_ATTR = "reason"
@@ -44,20 +42,14 @@ def open_storage(url: str, *, check_schema: bool = True) -> RDBStorage:
     No heartbeat: it does not cover ask/tell, so the driver owns trial liveness. ``check_schema=False``
     opens a database an older Optuna release made, to upgrade it (:func:`upgrade_storage`).
     """
-    engine_kwargs: dict[str, Any]
+    engine_kwargs = engine_options(url)
     if is_sqlite(url):
-        ensure_sqlite_directory(url)
         database = make_url(url).database
         if database and database != ":memory:" and not database.startswith("file:"):
             # WAL is a property of the file: set it before Optuna's first connection creates the tables.
             with sqlite3.connect(database, timeout=SQLITE_BUSY_TIMEOUT_S) as connection:
                 connection.execute("PRAGMA journal_mode=WAL")
             connection.close()
-        engine_kwargs = {"connect_args": {"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_S}}
-    else:
-        engine_kwargs = {"pool_pre_ping": True}
-        if make_url(url).get_backend_name() == "postgresql":
-            engine_kwargs["connect_args"] = {"connect_timeout": 5}
     storage = RDBStorage(url, engine_kwargs=engine_kwargs, skip_compatibility_check=not check_schema)
     if is_sqlite(url):
         event.listen(storage.engine, "connect", sqlite_pragmas())
@@ -69,16 +61,21 @@ def close_storage(storage: RDBStorage) -> None:
     storage.engine.dispose()
 
 
+UPGRADE_LOCK_ID = 0x4553474F  # "ESGO": one process at a time creates or upgrades Optuna's schema
+
+
 def upgrade_storage(url: str) -> str:
     """Create Optuna's tables, or bring a database from an older Optuna release to this one's schema, with
-    Optuna's own migrations; returns the schema revision."""
-    storage = open_storage(url, check_schema=False)
-    try:
-        if storage.get_current_version() != storage.get_head_version():
-            storage.upgrade()
-        return storage.get_current_version()
-    finally:
-        close_storage(storage)
+    Optuna's own migrations; returns the schema revision. Several API workers start at once: one at a time
+    does it (Optuna's table creation is not safe to race)."""
+    with exclusive(url, UPGRADE_LOCK_ID):
+        storage = open_storage(url, check_schema=False)
+        try:
+            if storage.get_current_version() != storage.get_head_version():
+                storage.upgrade()
+            return storage.get_current_version()
+        finally:
+            close_storage(storage)
 
 
 class StudyStorage:
@@ -122,17 +119,22 @@ def create_study_for_job(storage: RDBStorage, study_name: str, spec: JobCreate, 
     searches = [(study_name, spec)] + [
         (baseline_study_name(study_name, b), spec.baseline(b)) for b in spec.baselines
     ]
+    # Through the storage, not optuna.create_study: a submission builds no sampler and logs no line.
     for name, search in searches:
-        study = optuna.create_study(
-            storage=storage,
-            study_name=name,
-            directions=[objective.direction or "maximize" for objective in search.objectives],
-        )
-        study.set_user_attr(SPEC_ATTR, search.model_dump(mode="json"))
-        study.set_user_attr(JOB_ID_ATTR, job_id)
-        study.set_user_attr(CREATED_AT_ATTR, time.time())
+        study_id = storage.create_new_study(study_directions(search), name)
+        storage.set_study_user_attr(study_id, SPEC_ATTR, search.model_dump(mode="json"))
+        storage.set_study_user_attr(study_id, JOB_ID_ATTR, job_id)
         if name == study_name and spec.baselines:
-            study.set_user_attr("baselines", {b: baseline_study_name(study_name, b) for b in spec.baselines})
+            baselines = {b: baseline_study_name(study_name, b) for b in spec.baselines}
+            storage.set_study_user_attr(study_id, "baselines", baselines)
+
+
+def study_directions(spec: JobCreate) -> list[StudyDirection]:
+    """One per objective (validation has set every objective's direction)."""
+    return [
+        StudyDirection.MAXIMIZE if o.direction == "maximize" else StudyDirection.MINIMIZE
+        for o in spec.objectives
+    ]
 
 
 def job_study_names(storage: RDBStorage) -> dict[str, str]:
@@ -144,15 +146,6 @@ def job_study_names(storage: RDBStorage) -> dict[str, str]:
     with storage.engine.connect() as connection:
         names = connection.execute(text("SELECT study_name FROM studies")).scalars()
         return {name: match.group(1) for name in names if (match := _JOB_STUDY_NAME.match(name))}
-
-
-def created_at(storage: RDBStorage, study_name: str) -> float | None:
-    """When the service created the study (Unix time), if it got as far as recording it."""
-    try:
-        attrs = storage.get_study_user_attrs(storage.get_study_id_from_name(study_name))
-    except KeyError:
-        return None
-    return attrs.get(CREATED_AT_ATTR)
 
 
 def baseline_study_name(study_name: str, optimizer: str) -> str:
@@ -238,11 +231,7 @@ def summarise(spec: JobCreate, trials: list[FrozenTrial]) -> tuple[Progress, Bes
             if t.state.is_finished() and t.datetime_start and t.datetime_complete
         ),
     )
-    directions = [
-        StudyDirection.MAXIMIZE if o.direction == "maximize" else StudyDirection.MINIMIZE
-        for o in spec.objectives
-    ]
-    best = _best(trials, directions)
+    best = _best(trials, study_directions(spec))
     if best is None:
         return progress, None
     return progress, BestTrial(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -21,6 +22,7 @@ from prometheus_client.core import (
     Metric,
     SummaryMetricFamily,
 )
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -87,15 +89,22 @@ class ServiceFigures(Collector):
 
 
 class Metrics:
-    """One app's registry and instruments."""
+    """One app's registry and instruments.
+
+    Several API workers (``esgd serve --workers``) keep their request figures in files under
+    ``PROMETHEUS_MULTIPROC_DIR``, which prometheus_client sums at scrape time, so any worker answers for all.
+    """
 
     def __init__(self, database: Callable[[], Database | None]) -> None:
         self.registry = CollectorRegistry()
+        shared = "PROMETHEUS_MULTIPROC_DIR" in os.environ
+        if shared:
+            MultiProcessCollector(self.registry)
         self.request_seconds = Histogram(
             "esgd_http_request_duration_seconds",
             "HTTP request latency by method, route template and status",
             labelnames=["method", "route", "status"],
-            registry=self.registry,
+            registry=None if shared else self.registry,
         )
         self.registry.register(ServiceFigures(database))
 

@@ -122,6 +122,7 @@ def test_start_order_migrate_first_then_api_and_dashboard(gpu_config):
     assert services["dashboard"]["depends_on"]["migrate"] == {"condition": "service_completed_successfully"}
     assert services["ray-worker"]["depends_on"] == {"ray-head": {"condition": "service_healthy"}}
     assert services["api"]["command"][:2] == ["esgd", "serve"]
+    assert services["api"]["environment"]["ESGD_WORKERS"] == "2"  # one of them leads the scheduler
     assert services["dashboard"]["command"][:2] == ["esgd", "dashboard"]
     for name, service in services.items():
         if name != "migrate":

@@ -11,10 +11,11 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, inspect, make_url, select, text
-from sqlalchemy.exc import StatementError
+from sqlalchemy.exc import OperationalError, StatementError
 
 from service.db import VERSION_TABLE, Database, migrate
 from service.tables import Base, Job, JobEvent
+from tests.conftest import fresh_databases
 
 
 def test_migrations_create_exactly_the_models_and_are_idempotent(backend, database):
@@ -133,3 +134,31 @@ def test_non_finite_numbers_are_never_stored_as_json(database):
         )
         with pytest.raises((StatementError, ValueError), match="not JSON compliant"):
             session.commit()
+
+
+def test_connections_postgresql_dropped_cost_one_failed_use_then_the_pool_reconnects(postgres):
+    """No ping before each use (a round trip on every request): a dropped connection fails the one use that
+    finds it (the API answers that with a 503), and SQLAlchemy then replaces every pooled connection."""
+    with fresh_databases(postgres.admin_url, "service") as urls:
+        database = Database(urls["service"])
+        admin = create_engine(postgres.admin_url, isolation_level="AUTOCOMMIT")
+        try:
+            sessions = [database.session() for _ in range(3)]
+            for session in sessions:  # three pooled connections
+                session.__enter__().execute(text("SELECT 1"))
+            for session in sessions:
+                session.__exit__(None, None, None)
+            with admin.connect() as connection:  # what a PostgreSQL restart does to every client
+                dropped = connection.execute(
+                    text("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = :db"),
+                    {"db": make_url(urls["service"]).database},
+                ).scalar()
+            assert dropped == 3
+            with pytest.raises(OperationalError), database.session() as session:
+                session.execute(text("SELECT 1"))
+            for _ in range(3):  # every later use gets a new connection
+                with database.session() as session:
+                    assert session.execute(text("SELECT 1")).scalar() == 1
+        finally:
+            database.dispose()
+            admin.dispose()

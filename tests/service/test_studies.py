@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from datetime import UTC
 
 import optuna
@@ -10,7 +12,9 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
 from service import studies
+from service.db import POOL_SIZE
 from service.schemas import JobCreate
+from tests.conftest import fresh_databases
 
 LR = {"lr": FloatDistribution(0.01, 1.0, log=True)}
 
@@ -153,9 +157,9 @@ def test_delete_study_is_idempotent_and_trials_of_a_missing_study_raise(study_st
         studies.trials(study_storage, study.study_name)
 
 
-def test_the_sqlite_study_database_uses_wal(backend, study_storage):
+def test_the_study_database_keeps_a_pool_and_on_sqlite_uses_wal(backend, study_storage):
+    assert study_storage.engine.pool.size() == POOL_SIZE
     if backend.name != "sqlite":
-        assert study_storage.engine.pool._pre_ping  # type: ignore[attr-defined]
         return
     with study_storage.engine.connect() as connection:
         assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
@@ -168,3 +172,24 @@ def test_the_sqlite_study_database_uses_wal(backend, study_storage):
 )
 def test_finite_or_none(value, expected):
     assert studies.finite_or_none(value) == expected
+
+
+UPGRADE = "import sys; from service.studies import upgrade_storage; print(upgrade_storage(sys.argv[1]))"
+
+
+def test_concurrent_creation_of_a_new_study_database_does_not_collide(tmp_path, postgres):
+    """Several API workers start at once on an empty study database: each creates Optuna's schema in turn."""
+    with fresh_databases(postgres.admin_url, "optuna") as urls:
+        for url in (f"sqlite:///{tmp_path}/optuna.db", urls["optuna"]):
+            processes = [
+                subprocess.Popen(
+                    [sys.executable, "-c", UPGRADE, url],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+                for _ in range(4)
+            ]
+            outputs = [p.communicate(timeout=120) for p in processes]
+            assert [p.returncode for p in processes] == [0] * 4, [err for _, err in outputs]
+            assert len({out.strip() for out, _ in outputs}) == 1  # all at the same revision
