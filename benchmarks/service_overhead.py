@@ -76,18 +76,26 @@ def job_spec(name: str, trials: int, parallelism: int, epochs: int = 1) -> dict[
 
 
 class Api:
-    """The API as production runs it, in its own process; its output goes to ``log``."""
+    """The API as production runs it, in its own process; its output goes to ``log``.
 
-    def __init__(self, env: dict[str, str], log: Path) -> None:
+    ``factory="service.main:create_app"`` serves the API alone, without Ray (jobs are stored and stay QUEUED);
+    ``workers`` API processes share the port.
+    """
+
+    def __init__(
+        self, env: dict[str, str], log: Path, factory: str = "service.serving:build_app", workers: int = 1
+    ) -> None:
         self.env = env
         self.log = log
+        self.factory = factory
+        self.workers = workers
         self.url = f"http://127.0.0.1:{free_port()}"
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout_s: float = 60.0) -> None:
         port = self.url.rsplit(":", 1)[1]
-        command = [sys.executable, "-m", "uvicorn", "--factory", "service.serving:build_app"]
-        command += ["--host", "127.0.0.1", "--port", port]
+        command = [sys.executable, "-m", "uvicorn", "--factory", self.factory]
+        command += ["--host", "127.0.0.1", "--port", port, "--workers", str(self.workers)]
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout_s

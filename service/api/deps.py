@@ -23,11 +23,13 @@ from service.tables import Job
 logger = logging.getLogger(__name__)
 
 
-def get_app_settings(request: Request) -> Settings:
+# Dependencies that only read app state are ``async def``: FastAPI runs a plain ``def`` one in a worker
+# thread, a hop that costs more than the lookup. Those that may wait on a database stay ``def``.
+async def get_app_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_database(request: Request) -> Database:
+async def get_database(request: Request) -> Database:
     return request.app.state.db
 
 

@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 from optuna.exceptions import StorageInternalError
 from pydantic import BaseModel
 from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import jobs
@@ -224,6 +225,7 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(ProblemError, _problem_error)  # type: ignore[arg-type]
     app.add_exception_handler(OperationalError, _database_unavailable)  # type: ignore[arg-type]
     app.add_exception_handler(InterfaceError, _database_unavailable)  # type: ignore[arg-type]
+    app.add_exception_handler(PoolTimeout, _database_unavailable)  # every pooled connection busy for 30 s
     app.add_exception_handler(StorageInternalError, _storage_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _unexpected)
 

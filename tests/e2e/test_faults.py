@@ -234,6 +234,7 @@ def test_embedded_sqlite_with_jobs_running_at_once_never_shows_a_lock_to_anyone(
             if response.status_code == 202:  # submitted and cancelled at once: more writes
                 cancelled = client.post(f"/v1/jobs/{response.json()['id']}/cancel")
                 statuses.append(("cancel", cancelled.status_code, cancelled.text[:200]))
+            done.wait(0.2)  # a steady stream of writes beside the drivers', not a flood that starves them
 
     with server.client() as client:
         jobs = [submit(client, **small)["id"] for _ in range(4)]
