@@ -119,7 +119,7 @@ def create_study_for_job(storage: RDBStorage, study_name: str, spec: JobCreate, 
     searches = [(study_name, spec)] + [
         (baseline_study_name(study_name, b), spec.baseline(b)) for b in spec.baselines
     ]
-    # Through the storage, not optuna.create_study: a submission builds no sampler and logs no line.
+    # Through the storage, not optuna.create_study: a submission builds no sampler and no Study object.
     for name, search in searches:
         study_id = storage.create_new_study(study_directions(search), name)
         storage.set_study_user_attr(study_id, SPEC_ATTR, search.model_dump(mode="json"))
