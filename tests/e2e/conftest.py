@@ -120,3 +120,13 @@ def wait_for(client: httpx.Client, job_id: str, states: set[str], timeout_s: flo
             return job
         time.sleep(0.5)
     raise AssertionError(f"job {job_id} still {job['state']} after {timeout_s} s: {job}")
+
+
+def wait_for_progress(
+    client: httpx.Client, job_id: str, field: str, at_least: int = 1, timeout_s: float = 120
+) -> None:
+    """Until the job's ``progress[field]`` (e.g. ``trials_running``) is at least ``at_least``."""
+    deadline = time.monotonic() + timeout_s
+    while client.get(f"/v1/jobs/{job_id}").json()["progress"][field] < at_least:
+        assert time.monotonic() < deadline, f"no progress in {field} after {timeout_s} s"
+        time.sleep(0.3)

@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 from sqlalchemy import create_engine, text
 
 from tests.conftest import fresh_databases
-from tests.e2e.conftest import Server, wait_for
+from tests.e2e.conftest import Server, wait_for, wait_for_progress
 from tests.e2e.private_postgres import PrivatePostgres
 from tests.e2e.test_service import TINY, load_study, submit
 
@@ -71,10 +71,7 @@ def test_postgresql_restarted_mid_job_answers_503_reconnects_and_the_job_finishe
         try:
             with server.client() as client:
                 job = submit(client, budget={"trials": 6, "epochs_per_trial": 6, "batch_size": 32})
-                deadline = time.monotonic() + 120
-                while client.get(f"/v1/jobs/{job['id']}").json()["progress"]["trials_finished"] < 1:
-                    assert time.monotonic() < deadline, "no trial finished"
-                    time.sleep(0.3)
+                wait_for_progress(client, job["id"], "trials_finished")
 
                 private_postgres.stop()  # every connection drops, as in a crash
                 answers: dict[str, set[int]] = {}

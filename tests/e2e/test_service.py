@@ -12,7 +12,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from tests.e2e.conftest import wait_for
+from tests.e2e.conftest import wait_for, wait_for_progress
 
 TINY = {
     "dataset": "synthetic",
@@ -93,10 +93,7 @@ def test_cancel_stops_running_trials_within_seconds_and_frees_ray(embedded_serve
     with server.client() as client:
         job = submit(client, budget={"trials": 8, "epochs_per_trial": 200, "batch_size": 32})
         wait_for(client, job["id"], {"RUNNING"})
-        deadline = time.monotonic() + 120
-        while client.get(f"/v1/jobs/{job['id']}").json()["progress"]["trials_running"] < 2:
-            assert time.monotonic() < deadline, "trials never started"
-            time.sleep(0.5)
+        wait_for_progress(client, job["id"], "trials_running", at_least=2)
         asked = time.monotonic()
         assert client.post(f"/v1/jobs/{job['id']}/cancel").status_code == 202
         job = wait_for(client, job["id"], {"CANCELLED", "FAILED", "SUCCEEDED"}, timeout_s=60)
@@ -183,10 +180,7 @@ def test_a_killed_driver_is_restarted_and_resumes_the_study(embedded_server):
     server = embedded_server
     with server.client() as client:
         job = submit(client, budget={"trials": 4, "epochs_per_trial": 30, "batch_size": 32})
-        deadline = time.monotonic() + 120
-        while client.get(f"/v1/jobs/{job['id']}").json()["progress"]["trials_running"] < 1:
-            assert time.monotonic() < deadline, "no trial started"
-            time.sleep(0.3)
+        wait_for_progress(client, job["id"], "trials_running")
         found = subprocess.run(
             ["pgrep", "-f", f"workers.driver.*{job['study_name']}"], capture_output=True, text=True
         )
