@@ -83,7 +83,7 @@ def engine_options(url: str, busy_timeout_s: float = SQLITE_BUSY_TIMEOUT_S) -> d
 
 
 def make_engine(url: str, *, busy_timeout_s: float = SQLITE_BUSY_TIMEOUT_S, **kwargs: Any) -> Engine:
-    """An engine for the service database: WAL + busy timeout on SQLite, pre-ping on PostgreSQL."""
+    """An engine for the service database (:func:`engine_options`); WAL and the busy timeout on SQLite."""
     options = {"json_serializer": _json_serializer, **engine_options(url, busy_timeout_s), **kwargs}
     engine = create_engine(url, **options)
     if is_sqlite(url):
