@@ -76,14 +76,12 @@ class LeaderLock:
             connection = self._engine.connect()
         except DBAPIError:
             return False
-        try:
+        with contextlib.suppress(DBAPIError):  # a failed try is a try lost: not leading this round
             taken = connection.execute(text("SELECT pg_try_advisory_lock(:id)"), {"id": ADVISORY_LOCK_ID})
             if taken.scalar():
                 self._connection = connection
                 logger.info("this process leads: it runs the reconciler (advisory lock %d)", ADVISORY_LOCK_ID)
                 return True
-        except DBAPIError:
-            pass
         connection.close()
         return False
 
