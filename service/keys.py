@@ -37,7 +37,7 @@ ANONYMOUS = Principal(key_id=None, admin=True)
 
 
 class KeyNotFound(LookupError):
-    pass
+    """No key has that id (``esgd keys revoke`` with a wrong id)."""
 
 
 def _sha256(secret: str) -> str:
